@@ -1,0 +1,110 @@
+"""One factory for the three data streams, whatever backend produces them.
+
+Contract shared by every backend (``torch``, ``dali``, ``synthetic``) -- the trainer relies on nothing else:
+
+* ``streams.train``: iterable over ONE epoch of this rank's shard, yielding :class:`Batch`; ``len()`` = batches per
+  epoch on this rank (the same on every rank, last partial batch dropped, so DDP ranks never wait on each other);
+  ``set_epoch(e)`` re-seeds the shuffle (seed + epoch) so every rank draws a disjoint shard of the same permutation.
+  ``state_dict()/load_state_dict()`` hold (epoch, batches already consumed) for exact resume.
+* ``streams.meta``: an endless iterator (``next(streams.meta)``) over this rank's shard of the meta split, with its
+  own seed; it re-shuffles after each pass and never raises StopIteration. ``state_dict()/load_state_dict()``.
+* ``streams.eval[split]`` for split in ("meta", "test"): finite, unaugmented, yields :class:`Batch` whose ``ids``
+  index the split; padding samples (added so every rank runs the same number of batches) carry id -1 and the
+  trainer drops them after gathering, so every image is counted exactly once across ranks.
+
+Images are float32 N x 3 x H x W, ImageNet-normalised; labels int64 N; ids int64 N. A backend may yield them on the
+GPU already (DALI "mixed"); the trainer moves them with ``.to(device, non_blocking=True)``, a no-op there.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import torch
+
+from .records import Record
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+
+
+class TrainStream(Protocol):
+    def __iter__(self) -> Iterator[Batch]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Streams:
+    train: Any
+    meta: Any
+    eval: dict[str, Any] = field(default_factory=dict)
+    backend: str = ""
+    class_counts: list[int] = field(default_factory=list)  # train-split counts per class (for loss weights)
+
+
+def shard_indices(n: int, rank: int, world: int, *, pad: bool) -> list[int]:
+    """Contiguous-stride shard of range(n): rank r takes r, r+world, ...
+
+    pad=True pads every rank to ceil(n/world) with -1 (eval: everyone runs the same number of batches);
+    pad=False truncates to floor(n/world) (train: equal step counts so DDP all-reduces line up).
+    """
+    idx = list(range(rank, n, world))
+    if pad:
+        per_rank = -(-n // world)
+        idx += [-1] * (per_rank - len(idx))
+    else:
+        idx = idx[: n // world]
+    return idx
+
+
+def resolve_backend(cfg) -> str:
+    """auto -> dali for a prepared dir when nvidia.dali imports; torch otherwise (raw layouts decode slowly)."""
+    backend = cfg.data.backend
+    if backend != "auto":
+        return backend
+    if cfg.data.format == "prepared":
+        try:
+            import nvidia.dali  # noqa: F401
+            return "dali"
+        except ImportError:
+            return "torch"
+    return "torch"
+
+
+def build_streams(cfg, splits: dict[str, list[Record]], rank: int = 0, world: int = 1,
+                  device: torch.device | None = None) -> Streams:
+    """Build train/meta/eval streams for ``cfg.data.backend`` over the given split tables."""
+    backend = resolve_backend(cfg)
+    counts = [0] * cfg.model.num_classes
+    for r in splits["train"]:
+        counts[r.label] += 1
+    if backend == "torch":
+        if cfg.data.format not in ("prepared",) and cfg.data.format != "auto":
+            log.warning("training from a raw %s layout: every epoch decodes the full-size originals on the CPU; "
+                        "run `metaloss prepare` once for a 10-100x faster loader", cfg.data.format)
+        from .torch_backend import build_torch_streams
+        streams = build_torch_streams(cfg, splits, rank, world)
+    elif backend == "dali":
+        from .dali_backend import build_dali_streams
+        streams = build_dali_streams(cfg, splits, rank, world, device=device)
+    elif backend == "synthetic":
+        from .synthetic_backend import build_synthetic_streams
+        streams = build_synthetic_streams(cfg, splits, rank, world, device=device)
+    else:  # config validation already refuses other names
+        raise ValueError(f"unknown data.backend {backend!r}")
+    streams.backend = backend
+    streams.class_counts = counts
+    return streams

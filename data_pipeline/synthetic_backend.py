@@ -1,0 +1,113 @@
+"""synthetic backend: random tensors held on the training device, for benchmarks that must not wait on I/O.
+
+Same contract as the other backends. Split tables are used only for their sizes and labels, so class imbalance is
+realistic; pixels are random (seeded), generated once and re-used every epoch.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .records import Record
+from .streams import Batch, Streams, shard_indices
+
+
+def _tensors(records: list[Record], size: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(len(records), 3, size, size, generator=g)
+    labels = torch.tensor([r.label for r in records], dtype=torch.int64)
+    return images.to(device), labels.to(device)
+
+
+class _Shard:
+    def __init__(self, records, size, seed, rank, world, device, *, pad: bool):
+        self.images, self.labels = _tensors(records, size, seed, device)
+        self.idx = torch.tensor(shard_indices(len(records), rank, world, pad=pad), dtype=torch.int64)
+
+    def batch(self, positions: torch.Tensor) -> Batch:
+        ids = self.idx[positions]
+        safe = ids.clamp(min=0).to(self.images.device)
+        return Batch(self.images[safe], self.labels[safe], ids)
+
+
+class SyntheticTrainStream:
+    def __init__(self, records, size, batch_size, seed, rank, world, device):
+        self.shard = _Shard(records, size, seed, rank, world, device, pad=False)
+        self.batch_size, self.seed, self.epoch, self.consumed = batch_size, seed, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.shard.idx) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.consumed = epoch, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self.shard.idx), generator=g)
+        for b in range(self.consumed, len(self)):
+            self.consumed = b + 1
+            yield self.shard.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+        self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+class SyntheticMetaStream:
+    def __init__(self, records, size, batch_size, seed, rank, world, device):
+        self.train = SyntheticTrainStream(records, size, min(batch_size, max(1, len(records) // world)),
+                                          seed, rank, world, device)
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self._it is None:
+                self._it = iter(self.train)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+                self.train.set_epoch(self.train.epoch + 1)
+
+    def state_dict(self) -> dict:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train.load_state_dict(state)
+        self._it = None
+
+
+class SyntheticEvalStream:
+    def __init__(self, records, size, batch_size, seed, rank, world, device):
+        self.shard = _Shard(records, size, seed, rank, world, device, pad=True)
+        self.batch_size = batch_size
+        self.num_samples = len(records)
+
+    def __len__(self) -> int:
+        return -(-len(self.shard.idx) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for b in range(len(self)):
+            yield self.shard.batch(torch.arange(b * self.batch_size, min((b + 1) * self.batch_size,
+                                                                          len(self.shard.idx))))
+
+
+def build_synthetic_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int,
+                            device=None) -> Streams:
+    device = device or torch.device("cpu")
+    size, seed = cfg.data.image_size, cfg.train.seed
+    meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
+    return Streams(
+        train=SyntheticTrainStream(splits["train"], size, cfg.train.batch_size, seed, rank, world, device),
+        meta=SyntheticMetaStream(splits["meta"], size, meta_bs, seed + cfg.meta.seed_offset, rank, world, device),
+        eval={s: SyntheticEvalStream(splits[s], size, cfg.train.eval_batch_size, seed + 7 + i, rank, world, device)
+              for i, s in enumerate(("meta", "test"))},
+    )

@@ -1,0 +1,194 @@
+"""torch backend: DataLoader + torchvision transforms over the split tables (the CPU / raw-layout path).
+
+Exact resume and rank-sharding without DistributedSampler: a batch sampler of our own draws the epoch permutation
+from (seed, epoch), takes this rank's stride of it, and can start at any batch. Each sample's augmentation is seeded
+from (seed, epoch, index), so the pixels a sample gets do not depend on worker count, worker scheduling or where a
+resumed run starts -- the property the bitwise resume test relies on.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .records import DataError, Record
+from .streams import Batch, Streams, shard_indices
+from .transforms import augment_kwargs, eval_transform, train_transform
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        # raised in a worker: DataLoader re-raises it in the main process with this message
+        raise DataError(f"{path}: cannot read image ({e}); run `metaloss prepare` to quarantine bad files") from None
+
+
+class RecordDataset(Dataset):
+    """Items are requested as (index, epoch) pairs so augmentation can be seeded per sample and epoch."""
+
+    def __init__(self, records: list[Record], transform, seed: int, augment: bool):
+        self.records = records
+        self.transform = transform
+        self.seed = seed
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, epoch = item
+        real = index >= 0
+        rec = self.records[index if real else 0]  # padding slot (-1): any image, dropped by the trainer
+        image = load_rgb(rec.path)
+        if not self.augment:
+            return self.transform(image), (rec.label if real else 0), index
+        # fork_rng: with num_workers=0 this runs in the trainer's process, whose global RNG must not be reset
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_sample_seed(self.seed, epoch, index))
+            return self.transform(image), (rec.label if real else 0), index
+
+
+def _collate(items) -> Batch:
+    images, labels, ids = zip(*items)
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), torch.tensor(ids, dtype=torch.int64))
+
+
+class ShardedBatchSampler:
+    """Yields lists of (index, epoch) for this rank. Shuffled or not, padded (eval) or truncated (train)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world: int, seed: int, *, shuffle: bool, train: bool):
+        self.n, self.batch_size, self.rank, self.world = n, batch_size, rank, world
+        self.seed, self.shuffle, self.train = seed, shuffle, train
+        self.epoch = 0
+        self.start_batch = 0
+
+    def _indices(self) -> list[int]:
+        order = np.arange(self.n)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        shard = shard_indices(self.n, self.rank, self.world, pad=not self.train)
+        return [int(order[i]) if i >= 0 else -1 for i in shard]
+
+    def __len__(self) -> int:
+        per_rank = self.n // self.world if self.train else -(-self.n // self.world)
+        return per_rank // self.batch_size if self.train else -(-per_rank // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        idx = self._indices()
+        for b in range(self.start_batch, len(self)):
+            yield [(i, self.epoch) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) -> DataLoader:
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+
+
+class TorchTrainStream:
+    def __init__(self, records, cfg, rank, world, seed):
+        aug = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data))
+        self.sampler = ShardedBatchSampler(len(records), cfg.train.batch_size, rank, world, seed,
+                                           shuffle=True, train=True)
+        self.loader = _loader(RecordDataset(records, aug, seed, augment=True), self.sampler, cfg.data.num_workers)
+        self.consumed = 0
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.sampler.epoch:
+            self.sampler.epoch, self.sampler.start_batch, self.consumed = epoch, 0, 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.sampler.start_batch = self.consumed
+        for batch in self.loader:
+            self.consumed += 1
+            yield batch
+        self.consumed = 0
+        self.sampler.start_batch = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
+
+
+class TorchMetaStream:
+    """Endless: each pass over the meta shard is a new epoch of the sampler (re-shuffled); never StopIteration."""
+
+    def __init__(self, records, cfg, rank, world, seed, batch_size):
+        aug = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data)) if cfg.data.meta_augment \
+            else eval_transform(cfg.data.image_size)
+        n_shard = len(records) // world
+        if n_shard == 0:
+            raise DataError(f"meta split has {len(records)} images, fewer than the {world} ranks")
+        # a meta batch larger than the shard would never fill: clamp rather than yield nothing forever
+        self.sampler = ShardedBatchSampler(len(records), min(batch_size, n_shard), rank, world, seed,
+                                           shuffle=True, train=True)
+        self.loader = _loader(RecordDataset(records, aug, seed, augment=cfg.data.meta_augment),
+                              self.sampler, cfg.data.num_workers)
+        self.consumed = 0
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self._it is None:
+                self.sampler.start_batch = self.consumed
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+                self.consumed += 1
+                return batch
+            except StopIteration:
+                self._it = None
+                self.sampler.epoch += 1
+                self.consumed = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.epoch, self.consumed, self._it = int(state["epoch"]), int(state["consumed"]), None
+
+
+class TorchEvalStream:
+    def __init__(self, records, cfg, rank, world):
+        sampler = ShardedBatchSampler(len(records), cfg.train.eval_batch_size, rank, world, 0,
+                                      shuffle=False, train=False)
+        self.loader = _loader(RecordDataset(records, eval_transform(cfg.data.image_size), 0, augment=False),
+                              sampler, cfg.data.num_workers)
+        self.num_samples = len(records)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.loader)
+
+
+def build_torch_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int) -> Streams:
+    seed = cfg.train.seed
+    meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
+    train = TorchTrainStream(splits["train"], cfg, rank, world, seed)
+    if len(train) == 0:
+        raise DataError(f"train split has {len(splits['train'])} images: fewer than one batch of "
+                        f"{cfg.train.batch_size} per rank on {world} rank(s); lower train.batch_size")
+    return Streams(
+        train=train,
+        meta=TorchMetaStream(splits["meta"], cfg, rank, world, seed + cfg.meta.seed_offset, meta_bs),
+        eval={s: TorchEvalStream(splits[s], cfg, rank, world) for s in ("meta", "test")},
+    )

@@ -1,0 +1,83 @@
+import pytest
+import yaml
+
+from trainer.config import ConfigError, config_from_dict, diff_configs, load_config, parse_override, save_config
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = config_from_dict({})
+    assert cfg.model.arch == "resnet50"
+    assert cfg.optim.lr == 1e-4 and cfg.meta.lr == 1e-3
+    assert cfg.train.batch_size == 32 and cfg.train.epochs == 12
+    assert cfg.data.split_fractions == [0.70, 0.15, 0.15]
+    assert cfg.meta.hidden == [32, 16]
+    assert cfg.run.out_dir == "runs"
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochs: 3\n  batch_size: 8\nmodel:\n  arch: resnet18\n")
+    cfg = load_config(p, ["train.epochs=5", "optim.lr=0.01", "data.split_fractions=[0.6,0.2,0.2]"])
+    assert cfg.train.epochs == 5          # CLI beats YAML
+    assert cfg.train.batch_size == 8      # YAML beats default
+    assert cfg.model.arch == "resnet18"
+    assert cfg.optim.lr == 0.01
+    assert cfg.data.split_fractions == [0.6, 0.2, 0.2]
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"train": {"epochz": 3}}, "train.epochz"),
+    ({"trian": {}}, "trian"),
+    ({"meta": {"granularity": "pixel"}}, "meta.granularity"),
+    ({"train": {"batch_size": "big"}}, "train.batch_size"),
+    ({"train": {"batch_size": 2.5}}, "train.batch_size"),
+    ({"logging": {"tensorboard": "yes"}}, "logging.tensorboard"),
+    ({"data": {"split_fractions": [0.5, 0.5]}}, "data.split_fractions"),
+    ({"data": {"split_fractions": "abc"}}, "data.split_fractions"),
+    ({"model": "resnet50"}, "model"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+])
+def test_errors_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(data)
+    assert f"'{key}'" in str(e.value)
+
+
+def test_bad_override_names_the_key():
+    with pytest.raises(ConfigError, match="'optim.lrr'"):
+        config_from_dict({}, ["optim.lrr=0.1"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        parse_override("no_equals_sign")
+
+
+def test_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'train\.nope'"):
+        load_config(p)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config_from_dict({"run": {"name": "x"}}, ["meta.granularity=class"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["meta"]["granularity"] == "class"
+
+
+def test_diff_configs_lists_changed_dotted_keys():
+    a = {"data": {"root": "a", "image_size": 224}, "train": {"epochs": 3}}
+    b = {"data": {"root": "b", "image_size": 224}, "train": {"epochs": 4}}
+    assert diff_configs(a, b) == [("data.root", "a", "b"), ("train.epochs", 3, 4)]
+
+
+def test_presets_load():
+    for name in ("demo", "demo_meta", "aptos_baseline", "aptos_meta", "eyepacs_meta"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.run.name
+    paper = load_config("configs/aptos_meta.yaml")
+    assert (paper.model.arch, paper.data.image_size, paper.train.batch_size, paper.train.epochs) == \
+        ("resnet50", 224, 32, 12)
+    assert paper.train.loss == "meta" and paper.meta.granularity == "batch"

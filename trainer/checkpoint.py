@@ -1,0 +1,128 @@
+"""Atomic checkpoints through ``accelerator.save_state`` and resume that survives a kill mid-write.
+
+Layout: ``RUN/checkpoints/step_00000123/`` (complete ones only) plus a ``COMPLETE`` marker written last. A save goes
+to ``.tmp-step_.../`` first and is renamed by the main process after every rank has written its part, so a SIGKILL
+at any moment leaves either the old set of checkpoints or the old set plus one complete new one -- never a half one
+under a real name. ``--resume auto`` walks complete checkpoints newest first and falls back, with a warning, past
+one that fails to load.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint (or a write that failed, e.g. disk full); names the path."""
+
+
+class TrainState:
+    """Loop position and fault counters; registered with Accelerate so it travels in every checkpoint."""
+
+    def __init__(self):
+        self.step = 0          # real optimisation steps done
+        self.epoch = 0         # current epoch (0-based)
+        self.history: list[dict] = []
+        self.step_history: list[dict] = []
+        self.bad_steps = 0
+        self.images_seen = 0
+        self.train_seconds = 0.0
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and (p / MARKER).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]), reverse=True)
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, before_rename=None) -> Path:
+    """Every rank calls this (save_state is collective under DeepSpeed, and each rank saves its own RNG state)."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=False)
+    except OSError as e:
+        # disk full or similar: the previous checkpoints are untouched; drop the partial one and say where
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint {tmp}: {e}; previous checkpoints are kept") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        _fsync_dir(tmp)
+        if before_rename is not None:  # test hook: lets a test kill the process at this exact point
+            before_rename(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        for old in list_checkpoints(run_dir)[keep_last:]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> list[Path]:
+    """Candidates to try in order: ``auto`` -> complete checkpoints newest first; a path -> just that one."""
+    if not resume:
+        return []
+    if resume == "auto":
+        return list_checkpoints(run_dir)
+    path = Path(resume)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint directory")
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"--resume {resume}: checkpoint is incomplete (no {MARKER} marker)")
+    return [path]
+
+
+def load_latest(accelerator, candidates: list[Path]) -> Path | None:
+    """Load the first candidate that loads; warn about (and skip) broken ones. None when there is none."""
+    for path in candidates:
+        try:
+            accelerator.load_state(str(path))
+            return path
+        except Exception as e:  # a truncated/corrupt file can raise anything from pickle, zip or safetensors
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the one before", path, type(e).__name__, e)
+    if candidates:
+        raise CheckpointError(f"no loadable checkpoint among {[str(c) for c in candidates]}")
+    return None

@@ -1,0 +1,327 @@
+"""The config tree: one dataclass per component, the single source of defaults.
+
+YAML presets override the dataclass defaults; ``key.sub=value`` CLI arguments override the YAML. Unknown keys and
+wrong types are errors that name the full dotted key (``ConfigError``). The resolved tree is written to the run dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix: names the dotted key (and the file when there is one)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    # aptos | eyepacs | csv | ddr | idrid | messidor2 | prepared ; "auto" guesses from the files under root
+    format: str = "auto"
+    # auto | dali | torch | synthetic ; auto = dali for a prepared dir when nvidia.dali imports, else torch
+    backend: str = "auto"
+    image_size: int = 224
+    split_fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])
+    num_workers: int = 2
+    # generic CSV layout
+    path_col: str = "path"
+    label_col: str = "label"
+    # drop bad rows (with a warning listing them) instead of refusing the data set
+    skip_bad: bool = False
+    # augment the meta-validation stream too (the paper does not)
+    meta_augment: bool = False
+    # augmentation ranges (the paper: flip, +-10 degrees, +-10% brightness/contrast)
+    hflip: bool = True
+    rotate_deg: float = 10.0
+    brightness: float = 0.10
+    contrast: float = 0.10
+    # synthetic backend: images held in memory, for benchmarks
+    synthetic_samples: int = 256
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"
+    # none | imagenet | <path to a .pth state dict>
+    pretrained: str = "none"
+    num_classes: int = 5
+    channels_last: bool = True
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    # none | cosine | step
+    scheduler: str = "none"
+    warmup_steps: int = 0
+
+
+@dataclass
+class MetaConfig:
+    # batch (paper: one weight per batch) | class (one per class) | sample (MW-Net: one per sample)
+    granularity: str = "batch"
+    # exact | second_order | head
+    lookahead: str = "exact"
+    # sgd | adam (the live Adam state as a diagonal preconditioner)
+    lookahead_optimizer: str = "sgd"
+    # forward_ad | fd : how `exact` gets the directional derivatives of the per-sample losses
+    directional: str = "forward_ad"
+    fd_eps: float = 1e-3
+    # paper: false, gradients flow through the per-class loss statistics
+    detach_features: bool = False
+    hidden: list[int] = field(default_factory=lambda: [32, 16])
+    lr: float = 1e-3
+    # look-ahead step size; 0 = use optim.lr
+    lookahead_lr: float = 0.0
+    # run the meta step every N real steps
+    every: int = 1
+    # sample granularity: append the one-hot class to the per-sample loss feature
+    sample_one_hot: bool = False
+    meta_batch_size: int = 0  # 0 = train.batch_size
+    seed_offset: int = 1000  # the meta stream's own shuffling seed = train.seed + seed_offset
+
+
+@dataclass
+class LossConfig:
+    focal_gamma: float = 2.0
+    cb_beta: float = 0.9999
+    cb_base: str = "ce"  # ce | focal
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+    drw_epoch: int = -1  # -1 = 2/3 of the epochs
+    la_tau: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    # ce | weighted_ce | focal | class_balanced | ldam | logit_adjusted | balanced_softmax | meta
+    loss: str = "ce"
+    epochs: int = 12
+    max_steps: int = 0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    distributed: str = "ddp"  # ddp | deepspeed
+    deepspeed_config: str = ""
+    cpu: bool = False  # force CPU even when CUDA is present
+    max_bad_steps: int = 5
+    deterministic: bool = False
+    grad_clip: float = 0.0
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+    log_images: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only at epoch end
+    keep_last: int = 2
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "aptos", "eyepacs", "csv", "ddr", "idrid", "messidor2", "prepared"),
+    "data.backend": ("auto", "dali", "torch", "synthetic"),
+    "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
+    "optim.name": ("adam", "adamw", "sgd"),
+    "optim.scheduler": ("none", "cosine", "step"),
+    "meta.granularity": ("batch", "class", "sample"),
+    "meta.lookahead": ("exact", "second_order", "head"),
+    "meta.lookahead_optimizer": ("sgd", "adam"),
+    "meta.directional": ("forward_ad", "fd"),
+    "loss.cb_base": ("ce", "focal"),
+    "train.loss": ("ce", "weighted_ce", "focal", "class_balanced", "ldam", "logit_adjusted",
+                   "balanced_softmax", "meta"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.distributed": ("ddp", "deepspeed"),
+}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one leaf value against its annotation; error names the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            # YAML turns `name: 123` into an int; a string field accepts scalars as their text
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _merge(obj: Any, overrides: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown config key '{dotted}' (known under '{prefix or '<root>'}': {known})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}': expected a mapping of sub-keys, got {value!r}")
+            _merge(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def _validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
+    fr = cfg.data.split_fractions
+    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'data.split_fractions': need 3 positive fractions summing to 1, got {fr}")
+    for dotted in ("train.batch_size", "train.eval_batch_size", "data.image_size", "model.num_classes",
+                   "meta.every", "logging.every_steps"):
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"config key '{dotted}': must be >= 1")
+    for dotted in ("train.epochs", "train.max_steps", "checkpoint.every_steps"):
+        section, key = dotted.split(".")
+        if getattr(getattr(cfg, section), key) < 0:
+            raise ConfigError(f"config key '{dotted}': must be >= 0")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", yaml-parsed value). YAML parsing gives ints, floats, bools, lists for free."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _nest(flat: dict[str, Any]) -> dict:
+    out: dict = {}
+    for dotted, value in flat.items():
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{dotted}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+    cfg = Config()
+    if data:
+        if not isinstance(data, dict):
+            raise ConfigError("config must be a mapping of sections (run, data, model, ...)")
+        _merge(cfg, data)
+    if overrides:
+        _merge(cfg, _nest(dict(parse_override(o) for o in overrides)))
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> Config:
+    """Dataclass defaults <- YAML file <- ``key.sub=value`` overrides."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        try:
+            return config_from_dict(data, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{p}: {e}") from None
+    return config_from_dict(data, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def diff_configs(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """Dotted keys whose values differ between two config dicts (for resume safety)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        dotted = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff_configs(a, b, dotted + "."))
+        elif a != b:
+            out.append((dotted, a, b))
+    return out

@@ -1,0 +1,109 @@
+"""The run directory and the data tables behind it: records, splits.csv, resolved config.
+
+Only the main process writes; the others wait at a barrier and read what it wrote, so every rank trains on the
+byte-identical split (splits.csv is the single source of truth, re-used unchanged on resume).
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from data_pipeline.readers import detect_format, read_dataset
+from data_pipeline.records import DataError, Record
+from data_pipeline.splits import load_or_make_splits
+
+from .config import Config, config_to_dict, diff_configs, save_config
+
+log = logging.getLogger(__name__)
+
+# Keys that change what is trained on or what is being trained: a resume that changes them is refused.
+RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size", "model.", "meta.",
+                  "train.loss", "train.seed", "train.batch_size")
+
+
+class RunDirError(ValueError):
+    """The run dir cannot be used as asked (exists without --overwrite/--resume, or config changed on resume)."""
+
+
+def synthetic_records(n: int, num_classes: int) -> list[Record]:
+    """Fake table for `data.backend: synthetic` without a data set: APTOS-like imbalance, no files."""
+    props = [1805, 370, 999, 193, 295][:num_classes] if num_classes <= 5 else [1] * num_classes
+    total = sum(props)
+    out, i = [], 0
+    for k, p in enumerate(props):
+        for _ in range(max(3, round(n * p / total))):
+            out.append(Record(path="", label=k, source_id=f"synthetic_{i:06d}"))
+            i += 1
+    return out
+
+
+def load_records(cfg: Config) -> list[Record]:
+    if cfg.data.backend == "synthetic" and not cfg.data.root:
+        return synthetic_records(cfg.data.synthetic_samples, cfg.model.num_classes)
+    if not cfg.data.root:
+        raise DataError("config key 'data.root' is empty: point it at a data set (or use data.backend=synthetic)")
+    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.root)
+    return read_dataset(fmt, cfg.data.root, num_classes=cfg.model.num_classes, path_col=cfg.data.path_col,
+                        label_col=cfg.data.label_col, skip_bad=cfg.data.skip_bad)
+
+
+def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
+    """Refuse to resume with a config that changes data, split, model or meta settings (unless --force)."""
+    import yaml
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    changed = [d for d in diff_configs(saved, config_to_dict(cfg))
+               if any(d[0] == g or (g.endswith(".") and d[0].startswith(g)) for g in RESUME_GUARDED)]
+    if changed and not force:
+        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changed)
+        raise RunDirError(f"refusing to resume {run_dir}: the config changes what is trained:\n{lines}\n"
+                          "(pass --force to resume anyway, or start a new run.name)")
+
+
+def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False) -> Path:
+    run_dir = cfg.run_dir
+    if is_main:
+        exists = run_dir.exists() and any(run_dir.iterdir())
+        if exists and resume:
+            check_resume_config(run_dir, cfg, force=force)
+        elif exists and overwrite:
+            shutil.rmtree(run_dir)
+        elif exists:
+            raise RunDirError(f"run dir {run_dir} already exists: choose another run.name, pass --overwrite to "
+                              "replace it, or --resume auto to continue it")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    return run_dir
+
+
+def on_main_then_share(accelerator, fn):
+    """Run ``fn`` on the main process only and hand its result (or its error) to every rank.
+
+    Without this, a bad data set raises on rank 0 while the other ranks sit in a barrier until the process-group
+    timeout; here every rank raises the same user-facing error at once.
+    """
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    box = [None, None]
+    if accelerator.is_main_process:
+        try:
+            box[0] = fn()
+        except (DataError, RunDirError, ValueError, OSError) as e:
+            box[1] = e
+    broadcast_object_list(box, from_process=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def load_splits(cfg: Config, run_dir: Path, accelerator) -> dict[str, list[Record]]:
+    def make():
+        return load_or_make_splits(run_dir, load_records(cfg), cfg.data.split_fractions, cfg.train.seed,
+                                   cfg.model.num_classes)
+    return on_main_then_share(accelerator, make)

@@ -1,0 +1,184 @@
+"""Everything the Trainer reports: TensorBoard, progress bars, per-step history, metrics.json, predictions.
+
+Per-step statistics stay on the device (``DeviceScalarBuffer``) until a logging interval, where they are reduced
+across ranks (mean) in one collective per name and copied to the host once. Only the main process writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import config_to_dict
+from .tb_logging import DeviceScalarBuffer, TBLogger
+
+log = logging.getLogger(__name__)
+
+_STEP_KEYS = ("train_loss", "weighted_loss", "meta_loss", "w_mean", "w_std", "w_min", "w_max")
+
+
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+
+
+class RunLogger:
+    def __init__(self, cfg, run_dir: Path, accelerator, class_names: list[str], *, quiet: bool = False):
+        self.cfg, self.run_dir, self.acc, self.class_names = cfg, Path(run_dir), accelerator, class_names
+        self.is_main = accelerator.is_main_process
+        self.tb = TBLogger(self.run_dir / "tb", enabled=self.is_main and cfg.logging.tensorboard,
+                           class_names=class_names)
+        self.show_progress = self.is_main and cfg.logging.progress and not quiet and sys.stderr.isatty()
+        self.buffer = DeviceScalarBuffer()
+        self.weights: list[torch.Tensor] = []  # the last interval's meta weights, for the histogram
+        self.steps: list[int] = []
+        self.stat_steps: dict[str, list[int]] = {}  # which steps each buffered statistic came from
+        self.wait_s = self.step_s = 0.0
+        self.images = 0
+        self.t_interval = time.perf_counter()
+        self.bar = None
+
+    # --- start / epochs -------------------------------------------------------------------------------------------
+    def start(self, streams, splits) -> None:
+        import yaml
+
+        self.tb.text("config", "```yaml\n" + yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False) + "\n```")
+        sizes = {k: len(v) for k, v in splits.items()}
+        log.info("run dir %s | backend %s | split sizes %s | train class counts %s", self.run_dir,
+                 streams.backend, sizes, streams.class_counts)
+
+    def epoch_start(self, epoch: int, steps: int, done: int) -> None:
+        if self.show_progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}",
+                            leave=False, dynamic_ncols=True)
+
+    @contextlib.contextmanager
+    def progress(self, desc: str, total: int):
+        if not self.show_progress:
+            yield None
+            return
+        from tqdm import tqdm
+
+        with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
+            yield bar
+
+    def first_batch(self, images: torch.Tensor) -> None:
+        """One augmented training batch, as the network sees it (de-normalised by the TB logger)."""
+        if self.tb.active and self.cfg.logging.log_images:
+            self.tb.image_grid("train/augmented_batch", images[:32].float().cpu(), 0)
+
+    # --- per step (no sync) ---------------------------------------------------------------------------------------
+    def step(self, step: int, out, *, wait_s: float, step_s: float, lrs: dict[str, float]) -> None:
+        self.steps.append(step)
+        for key in _STEP_KEYS + ("bad_step",):
+            if key in out.stats:
+                self.buffer.add(key, out.stats[key])
+                self.stat_steps.setdefault(key, []).append(step)
+        if out.weights is not None:
+            self.weights.append(out.weights)
+        self.wait_s += wait_s
+        self.step_s += step_s
+        self.images += self.cfg.train.batch_size * self.acc.num_processes
+        self.lrs = lrs
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
+        return self.acc.reduce(stacked.float(), reduction="mean") if self.acc.num_processes > 1 else stacked
+
+    def flush_steps(self, state) -> None:
+        """Logging interval: reduce across ranks, copy to host once, append to history, write TensorBoard."""
+        if not self.steps:
+            return
+        values = self.buffer.drain(reduce=self._reduce)
+        per_step: dict[int, dict] = {s: {"step": s} for s in self.steps}
+        for key, vals in values.items():
+            for step, v in zip(self.stat_steps[key], vals):
+                per_step[step][key] = v
+        elapsed = time.perf_counter() - self.t_interval
+        img_s = self.images / max(elapsed, 1e-9)
+        rows = [per_step[s] for s in self.steps]
+        state.step_history.extend({k: r.get(k) for k in ("step",) + _STEP_KEYS} for r in rows)
+        last = self.steps[-1]
+        scalars = {f"train/{'loss' if k == 'train_loss' else k}": float(np.mean([r[k] for r in rows if k in r]))
+                   for k in ("train_loss", "weighted_loss") if any(k in r for r in rows)}
+        for k in ("meta_loss", "w_mean", "w_std", "w_min", "w_max"):
+            got = [r[k] for r in rows if k in r]
+            if got:
+                scalars[{"meta_loss": "meta/loss"}.get(k, f"meta/weight_{k[2:]}")] = float(np.mean(got))
+        scalars["faults/bad_steps"] = float(sum(r.get("bad_step", 0) for r in rows))
+        scalars["perf/img_per_s"] = img_s
+        scalars["perf/data_wait_frac"] = self.wait_s / max(self.wait_s + self.step_s, 1e-9)
+        if self.acc.device.type == "cuda":
+            scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        scalars.update(self.lrs)
+        self.tb.scalars(last, scalars)
+        if self.weights:
+            w = torch.cat(self.weights).float().cpu()
+            self.tb.histogram("meta/weights", w, last)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{img_s:.0f}")
+        state.train_seconds += elapsed
+        self.steps, self.weights, self.stat_steps = [], [], {}
+        self.wait_s = self.step_s = 0.0
+        self.images = 0
+        self.t_interval = time.perf_counter()
+
+    # --- evaluation results ---------------------------------------------------------------------------------------
+    def epoch_end(self, state, val: dict) -> dict:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        epoch_rows = [r for r in state.step_history if r["step"] > (state.history[-1]["step"] if state.history else 0)]
+
+        def mean_of(key):
+            got = [r[key] for r in epoch_rows if r.get(key) is not None]
+            return float(np.mean(got)) if got else None
+
+        record = {"epoch": state.epoch + 1, "step": state.step, "train_loss": mean_of("train_loss"),
+                  "train_weighted_loss": mean_of("weighted_loss"), "meta_loss": mean_of("meta_loss"), "val": val}
+        self.tb.eval_metrics("val", val, state.step)
+        if self.is_main:
+            log.info("epoch %d step %d | train loss %.4f | val acc %.4f macro-F1 %.4f QWK %.4f", record["epoch"],
+                     state.step, record["train_loss"] or float("nan"), val["accuracy"], val["macro_f1"], val["qwk"])
+        return record
+
+    def finish(self, state, test: dict, pred, test_records) -> dict:
+        img_s = state.images_seen / max(state.train_seconds, 1e-9)
+        metrics = {
+            "run": self.cfg.run.name, "num_classes": self.cfg.model.num_classes, "class_names": self.class_names,
+            "loss": self.cfg.train.loss, "test": test, "history": state.history, "step_history": state.step_history,
+            "train_img_per_s": img_s, "steps": state.step, "wall_s": state.train_seconds,
+            "bad_steps": state.bad_steps,
+        }
+        self.tb.eval_metrics("test", test, state.step)
+        if self.is_main:
+            write_json_atomic(self.run_dir / "metrics.json", metrics)
+            self._write_predictions(pred, test_records)
+        return metrics
+
+    def _write_predictions(self, pred, test_records) -> None:
+        path = self.run_dir / "predictions_test.csv"
+        tmp = path.with_name(path.name + ".tmp")
+        k = pred.probs.shape[1] if pred.probs.ndim == 2 else self.cfg.model.num_classes
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["source_id", "label", "pred"] + [f"prob_{i}" for i in range(k)])
+            for i, y, p, probs in zip(pred.ids, pred.labels, pred.preds, pred.probs):
+                w.writerow([test_records[i].source_id, int(y), int(p)] + [f"{x:.6f}" for x in probs])
+        tmp.replace(path)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.tb.close()

@@ -1,0 +1,96 @@
+"""One optimisation step: optional meta step (update φ), then the real step on θ.
+
+No host-device sync happens here: every statistic is returned as a 0-dim device tensor for the logger's buffer, and a
+non-finite loss or gradient skips the update *on the device* -- the fused Adam kernels read ``optimizer.found_inf``
+(the hook GradScaler uses) and leave parameters, moments and step count untouched when it is non-zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class StepOutput:
+    stats: dict[str, torch.Tensor]   # 0-dim device tensors, drained at logging intervals
+    weights: torch.Tensor | None     # the real step's per-sample weights (meta runs), detached
+
+
+def grads_finite(params) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(True)
+    norms = torch._foreach_norm(grads)  # one fused pass; inf/nan propagate into the norms
+    return torch.isfinite(torch.stack(norms)).all()
+
+
+class StepRunner:
+    def __init__(self, *, model, optimizer, scheduler, loss_fn, reweighter, meta_stream, accelerator, cfg,
+                 input_dtype=None):
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.reweighter = reweighter
+        self.meta_stream = meta_stream
+        self.accelerator = accelerator
+        self.cfg = cfg
+        self.input_dtype = input_dtype
+        self.unwrapped = accelerator.unwrap_model(model)
+        # the torch optimiser under Accelerate's wrapper: the Adam look-ahead reads its state, the skip sets found_inf
+        self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.device_skip = bool(getattr(self.raw_optimizer, "defaults", {}).get("fused"))
+        self.lookahead_lr = cfg.meta.lookahead_lr or cfg.optim.lr
+        self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        self.max_consecutive_bad = torch.zeros_like(self.consecutive_bad)
+        self.bad_steps = torch.zeros_like(self.consecutive_bad)
+
+    def _to_device(self, batch):
+        images = batch.images.to(self.accelerator.device, non_blocking=True)
+        if self.input_dtype is not None:
+            images = images.to(self.input_dtype)  # DeepSpeed bf16 holds bf16 parameters: inputs must match
+        return images, batch.labels.to(self.accelerator.device, non_blocking=True)
+
+    def _meta_step(self, x, y) -> dict[str, torch.Tensor]:
+        xm, ym = self._to_device(next(self.meta_stream))
+        rw = self.reweighter
+        grads = rw.meta_gradient(self.unwrapped, (x, y), (xm, ym), self.lookahead_lr,
+                                 optimizer=self.raw_optimizer, autocast=self.accelerator.autocast,
+                                 grad_scaler=self.accelerator.scaler)
+        rw.update(grads)
+        return {"meta_loss": rw.last_meta_loss.detach().float()}
+
+    def __call__(self, batch, step: int) -> StepOutput:
+        x, y = self._to_device(batch)
+        stats: dict[str, torch.Tensor] = {}
+        rw = self.reweighter
+        if rw is not None and step % self.cfg.meta.every == 0:
+            stats.update(self._meta_step(x, y))
+        logits = self.model(x)  # Accelerate's prepared forward already runs under autocast
+        per_sample = self.loss_fn(logits.float(), y)
+        plain = per_sample.mean()
+        weights = None
+        if rw is not None:
+            loss, weights = rw.weighted_loss(per_sample, y)
+            weights = weights.detach()
+            stats.update(weighted_loss=loss.detach(), w_mean=weights.mean(), w_std=weights.std(unbiased=False),
+                         w_min=weights.min(), w_max=weights.max())
+        else:
+            loss = plain
+        stats["train_loss"] = plain.detach()
+        self.accelerator.backward(loss)
+        if self.cfg.train.grad_clip > 0 and self.accelerator.sync_gradients:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        ok = torch.isfinite(loss.detach()) & grads_finite(self.unwrapped.parameters())
+        if self.device_skip and self.accelerator.scaler is None:
+            self.raw_optimizer.found_inf = (~ok).float()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        bad = (~ok).long()
+        self.bad_steps += bad
+        self.consecutive_bad = (self.consecutive_bad + 1) * bad
+        self.max_consecutive_bad = torch.maximum(self.max_consecutive_bad, self.consecutive_bad)
+        stats["bad_step"] = bad
+        return StepOutput(stats=stats, weights=weights)

@@ -1,0 +1,191 @@
+"""The Trainer: builds every component from the config, runs epochs, evaluates, checkpoints, writes the run dir.
+
+Read ``fit`` top to bottom for the loop; the step itself lives in ``steps.py`` and the logging in ``run_logging.py``.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import torch
+from accelerate.utils import set_seed
+
+from data_pipeline.records import class_names
+from data_pipeline.streams import build_streams
+
+from .accel import build_accelerator
+from .checkpoint import TrainState, load_latest, resolve_resume, save_checkpoint
+from .config import Config, ConfigError
+from .evaluation import Predictions, evaluate
+from .losses import build_loss
+from .models import build_model
+from .optim import build_optimizer, build_scheduler
+from .run_dir import on_main_then_share, prepare_run_dir, load_splits
+from .run_logging import RunLogger
+from .steps import StepRunner
+
+log = logging.getLogger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many bad steps); the last good state was checkpointed."""
+
+
+class Trainer:
+    def __init__(self, cfg: Config, *, resume: str | None = None, overwrite: bool = False, force: bool = False,
+                 quiet: bool = False):
+        self.cfg = cfg
+        self._check_supported(cfg)
+        self.accelerator = acc = build_accelerator(cfg)
+        set_seed(cfg.train.seed)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
+            cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force))
+        self.splits = load_splits(cfg, self.run_dir, acc)
+        self.streams = build_streams(cfg, self.splits, acc.process_index, acc.num_processes, device=acc.device)
+        k = cfg.model.num_classes
+        self.class_names = class_names(k)
+
+        model = build_model(cfg.model)
+        if acc.device.type == "cuda" and cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        fused = cfg.train.distributed != "deepspeed" and cfg.optim.name in ("adam", "adamw")
+        optimizer = build_optimizer(cfg.optim, model.parameters(), fused=fused)
+        self.steps_per_epoch = len(self.streams.train)
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        if cfg.train.max_steps:
+            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        scheduler = build_scheduler(cfg.optim, optimizer, self.total_steps)
+        self.loss_fn = build_loss(cfg.train.loss, cfg.loss, self.streams.class_counts, cfg.train.epochs)
+        self.reweighter = None
+        if cfg.train.loss == "meta":
+            from .meta import MetaReweighter
+
+            self.reweighter = MetaReweighter(cfg.meta, num_classes=k)
+            self.reweighter.meta_net.to(acc.device)
+            self.reweighter.broadcast_from(0)  # φ replicated, not DDP-wrapped: start identical on every rank
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.input_dtype = torch.bfloat16 if (cfg.train.distributed == "deepspeed"
+                                              and cfg.train.precision == "bf16") else None
+        self.state = TrainState()
+        for obj in (self.state, self.streams.train, self.streams.meta) + ((self.reweighter,) if self.reweighter else ()):
+            acc.register_for_checkpointing(obj)
+        self.step_runner = StepRunner(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                      loss_fn=self.loss_fn, reweighter=self.reweighter,
+                                      meta_stream=self.streams.meta, accelerator=acc, cfg=cfg,
+                                      input_dtype=self.input_dtype)
+        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet)
+        self.resumed_from = load_latest(acc, resolve_resume(self.run_dir, resume))
+        if self.resumed_from is not None:
+            log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
+        self._stop_signal = False
+        self._last_checkpoint_step = self.state.step if self.resumed_from is not None else -1
+
+    @staticmethod
+    def _check_supported(cfg: Config) -> None:
+        if cfg.train.loss == "meta" and cfg.train.distributed == "deepspeed" and cfg.meta.lookahead_optimizer == "adam":
+            raise ConfigError("meta.lookahead_optimizer: adam is not available under DeepSpeed (ZeRO partitions the "
+                              "Adam state); use sgd")
+
+    # --- the loop -------------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, st, acc = self.cfg, self.state, self.accelerator
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            if st.step == 0:
+                self.logger.start(self.streams, self.splits)
+            while st.epoch < cfg.train.epochs and not self._done():
+                self._train_epoch()
+                if self._stop_signal:
+                    return self._preempted()
+                if st.step % self.steps_per_epoch == 0 or self._done():  # epoch finished (not interrupted)
+                    self._end_epoch()
+            return self._finish()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            self.logger.close()
+
+    def _done(self) -> bool:
+        return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps
+
+    def _train_epoch(self) -> None:
+        cfg, st = self.cfg, self.state
+        self.loss_fn.set_epoch(st.epoch)
+        self.streams.train.set_epoch(st.epoch)
+        self.logger.epoch_start(st.epoch, self.steps_per_epoch, st.step % self.steps_per_epoch)
+        t_wait = time.perf_counter()
+        for batch in self.streams.train:
+            t_got = time.perf_counter()
+            if st.step == 0:
+                self.logger.first_batch(batch.images)
+            out = self.step_runner(batch, st.step)
+            st.step += 1
+            st.images_seen += batch.labels.shape[0] * self.accelerator.num_processes
+            self.logger.step(st.step, out, wait_s=t_got - t_wait, step_s=time.perf_counter() - t_got,
+                             lrs=self._lrs())
+            if st.step % cfg.logging.every_steps == 0:
+                self._flush_logs()
+            if cfg.checkpoint.enabled and cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
+                self._checkpoint()
+            if self._stop_signal or self._done():
+                break
+            t_wait = time.perf_counter()
+
+    def _lrs(self) -> dict[str, float]:
+        lrs = {"lr/classifier": self.scheduler.get_last_lr()[0]}
+        if self.reweighter is not None:
+            lrs["lr/meta"] = self.reweighter.optimizer.param_groups[0]["lr"]
+        return lrs
+
+    def _flush_logs(self) -> None:
+        """Logging interval: the one place the hot loop syncs with the device."""
+        self.logger.flush_steps(self.state)
+        st = self.state
+        st.bad_steps = int(self.step_runner.bad_steps)
+        if int(self.step_runner.max_consecutive_bad) >= self.cfg.train.max_bad_steps:
+            # skipped steps never touched the weights, so the current state *is* the last good one
+            self._checkpoint()
+            raise TrainingStopped(f"{self.cfg.train.max_bad_steps} consecutive steps had a non-finite loss or "
+                                  f"gradient (at step {st.step}); stopped and checkpointed the last good state in "
+                                  f"{self.run_dir / 'checkpoints'}")
+
+    def _end_epoch(self) -> None:
+        st = self.state
+        self._flush_logs()
+        val, _ = self._evaluate("meta")
+        record = self.logger.epoch_end(st, val)
+        st.history.append(record)
+        st.epoch += 1
+        if self.cfg.checkpoint.enabled:
+            self._checkpoint()
+
+    def _evaluate(self, split: str) -> tuple[dict, Predictions]:
+        stream = self.streams.eval[split]
+        with self.logger.progress(f"eval {split}", len(stream)) as bar:
+            return evaluate(self.model, stream, self.accelerator, self.cfg.model.num_classes,
+                            input_dtype=self.input_dtype, progress=bar)
+
+    def _checkpoint(self) -> None:
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.cfg.checkpoint.keep_last)
+        self._last_checkpoint_step = self.state.step
+
+    def _on_sigterm(self, signum, frame) -> None:
+        # only set a flag: the loop checkpoints at the next step boundary, where the state is consistent
+        log.warning("SIGTERM received: checkpointing after this step and exiting")
+        self._stop_signal = True
+
+    def _preempted(self) -> dict:
+        self._flush_logs()
+        self._checkpoint()
+        return {"preempted": True, "step": self.state.step}
+
+    def _finish(self) -> dict:
+        st = self.state
+        self._flush_logs()
+        test, pred = self._evaluate("test")
+        metrics = self.logger.finish(st, test, pred, self.splits["test"])
+        if self.cfg.checkpoint.enabled and self._last_checkpoint_step != st.step:
+            self._checkpoint()
+        return metrics
