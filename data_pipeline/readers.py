@@ -358,9 +358,11 @@ def detect_format(root: str | Path) -> str:
 
 
 def read_dataset_report(fmt: str, root: str | Path, *, num_classes: int = 5, path_col: str = "path",
-                        label_col: str = "label") -> tuple[list[Record], list[BadRow]]:
-    """(good records in file order, every bad row). Raises DataError for file-level problems and when no row is
-    usable; `prepare` calls this to write the skipped rows into its report."""
+                        label_col: str = "label", skip_bad: bool = False) -> tuple[list[Record], list[BadRow]]:
+    """(good records in file order, the bad rows that were skipped); `prepare` writes the latter to its report.
+
+    Bad rows -> one DataError listing them all, or with skip_bad one warning listing them. File-level problems
+    (missing/unreadable/empty CSV, missing column) and a data set with no usable row are always errors."""
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     root = Path(root).expanduser().resolve()
@@ -375,15 +377,15 @@ def read_dataset_report(fmt: str, root: str | Path, *, num_classes: int = 5, pat
     if not records:
         detail = format_bad_rows(bad) if bad else "every row was excluded as ungradable"
         raise DataError(f"{fmt} data set at {root} has no usable rows:\n{detail}")
+    if bad and not skip_bad:
+        raise DataError(format_bad_rows(bad) + "\n(fix these rows, or set data.skip_bad=true to drop them)")
+    if bad:
+        log.warning("skipping %d bad rows (data.skip_bad=true):\n%s", len(bad), format_bad_rows(bad))
     return records, bad
 
 
 def read_dataset(fmt: str, root: str | Path, *, num_classes: int = 5, path_col: str = "path",
                  label_col: str = "label", skip_bad: bool = False) -> list[Record]:
-    """Read and validate a data set. Bad rows -> one DataError listing them all, or (skip_bad) one warning."""
-    records, bad = read_dataset_report(fmt, root, num_classes=num_classes, path_col=path_col, label_col=label_col)
-    if bad and not skip_bad:
-        raise DataError(format_bad_rows(bad) + "\n(fix these rows, or set data.skip_bad=true to drop them)")
-    if bad:
-        log.warning("skipping %d bad rows (data.skip_bad=true):\n%s", len(bad), format_bad_rows(bad))
-    return records
+    """Read and validate a data set: `read_dataset_report` without the list of skipped rows."""
+    return read_dataset_report(fmt, root, num_classes=num_classes, path_col=path_col, label_col=label_col,
+                               skip_bad=skip_bad)[0]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 from .splits import allocate_largest_remainder
 
@@ -253,7 +254,6 @@ def generate_synthetic(out_dir: str | Path, n: int = 600, size: int = 256, seed:
         raise RuntimeError("synthetic id collision; use another seed")
     chunks = [items[j:j + _CHUNK] for j in range(0, n, _CHUNK)]
 
-    from tqdm import tqdm
     bar = tqdm(total=n, desc="synth", unit="img", disable=not progress or not sys.stderr.isatty())
     try:
         if workers == 1 or len(chunks) == 1:

@@ -16,16 +16,18 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from trainer.config import ConfigError
     from trainer.models import ModelError
     from trainer.run_dir import RunDirError
+    from trainer.report import ReportInputError
     from trainer.trainer import TrainingStopped
 
-    return (DataError, ConfigError, ModelError, RunDirError, CheckpointError, TrainingStopped, FileNotFoundError)
+    return (DataError, ConfigError, ModelError, RunDirError, CheckpointError, TrainingStopped,
+            ReportInputError, FileNotFoundError)
 
 
 def setup_logging(debug: bool = False) -> None:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("matplotlib", "PIL", "urllib3", "DeepSpeed", "torch.distributed"):
+    for noisy in ("matplotlib", "PIL", "urllib3", "DeepSpeed", "torch.distributed", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

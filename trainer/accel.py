@@ -48,11 +48,11 @@ def build_accelerator(cfg: Config) -> Accelerator:
     cpu = _use_cpu(cfg)
     if cfg.train.precision == "fp16" and cpu:
         raise ConfigError("train.precision: fp16 needs a GPU (use bf16 or fp32 on CPU)")
-    handlers = [
-        # gloo on CPU (nccl needs GPUs); a generous timeout so a slow first-epoch DALI warm-up does not kill ranks
-        InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30)),
-        DistributedDataParallelKwargs(find_unused_parameters=False),
-    ]
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or cfg.train.distributed == "deepspeed":
+        # gloo on CPU (nccl needs GPUs); a generous timeout so a slow first-epoch DALI warm-up does not kill ranks.
+        # Only under a launcher: with a backend set but no launcher env, Accelerate asks for a group nobody made.
+        handlers.append(InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timedelta(minutes=30)))
     kwargs = dict(mixed_precision=_PRECISION[cfg.train.precision], kwargs_handlers=handlers,
                   step_scheduler_with_optimizer=False)
     if cfg.train.distributed == "deepspeed":

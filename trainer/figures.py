@@ -14,6 +14,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # Figures are ~840 x 540 px: readable when embedded in Markdown, small enough to keep run dirs light.
 _FIGSIZE = (7.0, 4.5)
@@ -94,6 +95,7 @@ def plot_val_accuracy(series: Mapping[str, tuple], path: Path) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     for label, (epochs, acc) in series.items():
         ax.plot(epochs, acc, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.set_title("Validation accuracy per epoch")
@@ -103,18 +105,16 @@ def plot_val_accuracy(series: Mapping[str, tuple], path: Path) -> Path:
 
 
 def plot_meta_loss(series: Mapping[str, tuple], path: Path) -> Path:
-    """(c) meta-validation loss. ``series[label] = (x, loss, x_label)``; x_label is "step" or "epoch" per run.
-
-    Runs measured per step and per epoch share one axis labelled with both units only when they are mixed; the
-    legend says which unit each run uses.
-    """
+    """(c) meta-validation loss. ``series[label] = (steps, loss, source)``, source "meta" (logged every step) or
+    "val" (validation loss at each epoch's last step, for runs without a meta step); one step axis for both."""
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
-    units = set()
-    for label, (x, loss, unit) in series.items():
-        units.add(unit)
-        ax.plot(x, loss, marker="o" if unit == "epoch" else None, label=f"{label} (per {unit})")
-    ax.set_xlabel(" / ".join(sorted(units)) if units else "step")
+    for label, (steps, loss, source) in series.items():
+        if source == "val":
+            ax.plot(steps, loss, marker="o", linestyle="--", label=f"{label} (val loss per epoch)")
+        else:
+            ax.plot(steps, loss, label=f"{label} (meta loss per step)")
+    ax.set_xlabel("training step")
     ax.set_ylabel("meta-validation loss")
     ax.set_title("Meta-validation loss over training")
     ax.grid(True, alpha=0.3)
@@ -182,9 +182,10 @@ def draw_report_figures(runs, fig_dir: Path) -> list[tuple[str, Path | None, lis
         steps = [e for e in r.metrics["step_history"] if e.get("meta_loss") is not None]
         epochs = [e for e in r.metrics["history"] if e["val"].get("loss") is not None]
         if steps:
-            loss[r.label] = ([e["step"] for e in steps], [e["meta_loss"] for e in steps], "step")
+            loss[r.label] = ([e["step"] for e in steps], [e["meta_loss"] for e in steps], "meta")
         elif epochs:
-            loss[r.label] = ([e["epoch"] for e in epochs], [e["val"]["loss"] for e in epochs], "epoch")
+            # placed at each epoch's last step so both kinds of run share the step axis
+            loss[r.label] = ([e["step"] for e in epochs], [e["val"]["loss"] for e in epochs], "val")
             notes.append(f"{r.label} logged no per-step meta loss; its validation loss per epoch is shown.")
         else:
             notes.append(f"{r.label} has neither meta_loss nor val loss; skipped.")
@@ -194,7 +195,7 @@ def draw_report_figures(runs, fig_dir: Path) -> list[tuple[str, Path | None, lis
     recalls = {r.label: r.test["per_class_recall"] for r in runs}
     out.append(("(d) Per-class test recall",
                 plot_class_recall(recalls, runs[0].class_names, fig_dir / "class_recall.png"), []))
-    for i, r in enumerate(runs):
+    for r in runs:
         path = fig_dir / f"confusion_{r.label.split(':')[0]}_{_safe(r.name)}.png"
         out.append((f"Confusion matrix, {r.label} (test, rows = truth)",
                     plot_confusion(r.test["confusion"], r.class_names, f"{r.label} — test", path), []))

@@ -176,7 +176,7 @@ class RunResult:
     y_true: np.ndarray
     y_pred: np.ndarray
     probs: np.ndarray
-    label: str = ""                    # "A: <name>" once runs are compared (set by `_label_runs`)
+    label: str = ""                    # "A: <name>" once runs are compared (set by `_as_runs`)
     extras: dict = field(default_factory=dict)
 
     @property

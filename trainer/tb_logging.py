@@ -166,7 +166,9 @@ class DeviceScalarBuffer:
         """Number of values waiting to be drained (all names)."""
         return sum(len(v) for v in self._values.values())
 
-    def drain(self) -> dict[str, list[float]]:
+    def drain(self, reduce=None) -> dict[str, list[float]]:
+        """``reduce``, if given, maps each name's stacked device tensor before the copy -- the trainer passes an
+        all-reduce (mean over ranks), so a multi-rank run pays one collective per name per interval, not per step."""
         out: dict[str, list[float]] = {}
         for name, entries in self._values.items():
             tensor_pos = [i for i, v in enumerate(entries) if isinstance(v, torch.Tensor)]
@@ -177,7 +179,10 @@ class DeviceScalarBuffer:
                 dtype = tensors[0].dtype
                 for t in tensors[1:]:
                     dtype = torch.promote_types(dtype, t.dtype)
-                host = torch.stack([t.to(dtype) for t in tensors]).cpu().to(torch.float64).tolist()
+                stacked = torch.stack([t.to(dtype) for t in tensors])
+                if reduce is not None:
+                    stacked = reduce(stacked)
+                host = stacked.cpu().to(torch.float64).tolist()
                 for i, v in zip(tensor_pos, host):
                     result[i] = v
             out[name] = [float(v) for v in result]

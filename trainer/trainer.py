@@ -64,7 +64,7 @@ class Trainer:
             from .meta import MetaReweighter
 
             self.reweighter = MetaReweighter(cfg.meta, num_classes=k)
-            self.reweighter.meta_net.to(acc.device)
+            self.reweighter.to(acc.device)
             self.reweighter.broadcast_from(0)  # φ replicated, not DDP-wrapped: start identical on every rank
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.input_dtype = torch.bfloat16 if (cfg.train.distributed == "deepspeed"

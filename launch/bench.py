@@ -1,0 +1,54 @@
+"""`metaloss bench {meta,data,train} [args]`: throughput benchmarks. Numbers go to docs/PERFORMANCE.md with the
+command and the machine; no test asserts on wall-clock time.
+
+- meta:  step time of the meta-step modes vs a plain step (launch/bench_meta.py)
+- data:  prepare img/s and DALI vs torch loader img/s (launch/bench_data.py)
+- train: end-to-end Trainer img/s on the synthetic backend for a config (no I/O), e.g.
+         metaloss bench train configs/aptos_meta.yaml train.max_steps=50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+
+import torch
+
+
+def _machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def bench_train(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="metaloss bench train")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    from trainer.config import load_config
+    from trainer.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        defaults = ["data.backend=synthetic", "data.root=", "checkpoint.enabled=false", "logging.tensorboard=false",
+                    f"run.out_dir={tmp}", "run.name=bench", "train.epochs=1"]
+        cfg = load_config(args.config, defaults + args.overrides)
+        trainer = Trainer(cfg, quiet=True)
+        t0 = time.perf_counter()
+        metrics = trainer.fit()
+        wall = time.perf_counter() - t0
+    out = {"config": args.config, "overrides": args.overrides, "steps": metrics["steps"],
+           "train_img_per_s": round(metrics["train_img_per_s"], 1), "wall_s": round(wall, 1), "machine": _machine()}
+    print(json.dumps(out, indent=2))
+    return out
+
+
+def run_bench(args) -> None:
+    if args.what == "meta":
+        from .bench_meta import main
+    elif args.what == "data":
+        from .bench_data import main
+    else:
+        main = bench_train
+    main(args.rest)

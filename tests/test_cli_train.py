@@ -1,0 +1,71 @@
+"""End to end through the CLI on synthetic data: a run dir with a valid metrics.json, predictions and checkpoints."""
+import csv
+import json
+
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_overrides
+
+K = 5
+
+
+def _check_metrics(run_dir, loss):
+    m = json.loads((run_dir / "metrics.json").read_text())
+    t = m["test"]
+    for key in ("accuracy", "macro_f1", "weighted_f1", "qwk"):
+        assert 0.0 <= t[key] <= 1.0 or key == "qwk"
+    assert len(t["per_class_recall"]) == K
+    assert len(t["confusion"]) == K and all(len(r) == K for r in t["confusion"])
+    assert sum(map(sum, t["confusion"])) == t["n"]
+    assert m["loss"] == loss
+    assert m["train_img_per_s"] > 0
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    assert all("val" in h and "accuracy" in h["val"] for h in m["history"])
+    assert [r["step"] for r in m["step_history"]] == list(range(1, m["steps"] + 1))
+    return m
+
+
+def test_train_ce_writes_run_dir(synth_dir, tmp_path):
+    proc = run_cli("-m", "launch.cli", "train", "configs/demo.yaml", *tiny_overrides(synth_dir, tmp_path, "ce"),
+                   "--quiet")
+    run_dir = tmp_path / "ce"
+    m = _check_metrics(run_dir, "ce")
+    # the test split in splits.csv is exactly what was evaluated, each image once
+    with open(run_dir / "splits.csv") as f:
+        test_ids = sorted(r["source_id"] for r in csv.DictReader(f) if r["split"] == "test")
+    with open(run_dir / "predictions_test.csv") as f:
+        pred_ids = sorted(r["source_id"] for r in csv.DictReader(f))
+    assert pred_ids == test_ids and m["test"]["n"] == len(test_ids)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["model"]["arch"] == "tiny" and saved["train"]["loss"] == "ce"
+    assert any((run_dir / "checkpoints").iterdir())
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["run_dir"] == str(run_dir)
+
+
+def test_max_steps_stops_early_and_still_evaluates(synth_dir, tmp_path):
+    run_cli("-m", "launch.train", "configs/demo.yaml",
+            *tiny_overrides(synth_dir, tmp_path, "short", "train.max_steps=3"), "--quiet")
+    m = json.loads((tmp_path / "short" / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["test"]["n"] > 0
+
+
+def test_existing_run_dir_is_not_overwritten(synth_dir, tmp_path):
+    args = ("-m", "launch.train", "configs/demo.yaml",
+            *tiny_overrides(synth_dir, tmp_path, "twice", "train.max_steps=1"), "--quiet")
+    run_cli(*args)
+    proc = run_cli(*args, check=False)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "Traceback" not in proc.stderr
+    run_cli(*args, "--overwrite")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.epochz=1", "'train.epochz'"),
+    ("data.root=/nonexistent/dir", "/nonexistent/dir"),
+])
+def test_user_errors_are_one_line_exit_2(synth_dir, tmp_path, override, needle):
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *tiny_overrides(synth_dir, tmp_path, "err"), override,
+                   check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
