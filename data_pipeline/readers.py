@@ -243,7 +243,8 @@ def _read_ddr(root: Path, opts: dict) -> list[_Candidate]:
             if not parts:
                 continue
             if len(parts) != 2:
-                cands.append(_Candidate(lineno, parts[0], parts[-1] if len(parts) > 1 else "", None, str(txt),
+                # the label is the second field: a trailing extra field must not be reported as a bad label too
+                cands.append(_Candidate(lineno, parts[0], parts[1] if len(parts) > 1 else "", None, str(txt),
                                         f"expected 'name label', got {raw.strip()!r}"))
                 continue
             if parse_int(parts[1]) == 5:   # DDR's grade 5 = ungradable image: not part of the 0..4 task

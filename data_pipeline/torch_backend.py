@@ -11,9 +11,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .image_ops import ImageError, load_rgb as decode_rgb8
 from .records import DataError, Record
 from .streams import Batch, Streams, shard_indices
 from .transforms import augment_kwargs, eval_transform, train_transform
@@ -24,13 +25,18 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def load_rgb(path: str) -> Image.Image:
+    """The same decode as `metaloss prepare` (EXIF rotation, 16-bit -> high byte, alpha over black, minimum size), so
+    training from a raw layout sees the pixels a prepared run would, and refuses exactly the files prepare
+    quarantines -- Pillow's plain convert("RGB") would clip 16-bit scans to white and keep transparent borders."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as e:
-        # raised in a worker: DataLoader re-raises it in the main process with this message
+        return decode_rgb8(path)[0]
+    except ImageError as e:
+        # raised in a worker: DataLoader re-raises it in the main process (launch/errors.py strips the worker's
+        # traceback from the message)
         raise DataError(f"{path}: cannot read image ({e}); run `metaloss prepare` to quarantine bad files") from None
+    except Exception as e:  # noqa: BLE001 -- any other decoder failure is still this file's problem
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e}); run `metaloss prepare` to "
+                        f"quarantine bad files") from None
 
 
 class RecordDataset(Dataset):

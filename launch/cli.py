@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import setup_logging, user_errors_exit
+from .errors import UsageError, setup_logging, user_errors_exit
 from .train import add_train_args, run_training
 
 
@@ -22,8 +22,14 @@ def _synth(args, *, debug=False):
 def _prepare(args, *, debug=False):
     import json
 
+    from data_pipeline.image_ops import MIN_SIDE
     from data_pipeline.prepare import prepare_dataset
 
+    # checked here so a typo is a one-line usage error, not a ValueError traceback from deep inside prepare
+    for flag, value, least in (("--size", args.size, MIN_SIDE), ("--workers", args.workers, 1),
+                               ("--num-classes", args.num_classes, 2)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be >= {least}, got {value}")
     report = prepare_dataset(args.dataset, args.src, args.out, size=args.size, workers=args.workers,
                              ben_graham=args.ben_graham, num_classes=args.num_classes, path_col=args.path_col,
                              label_col=args.label_col, progress=not args.quiet)

@@ -1,26 +1,72 @@
 """User-facing errors: one line on stderr and exit code 2; the traceback only with --debug."""
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
+import re
 import sys
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
+# (module, class) of every error a user can fix. Looked up only in modules already imported: an error class whose
+# module was never loaded cannot be the one being raised, so `metaloss prepare` never pays for importing torch just
+# to report a bad path, and a module that fails to import cannot mask the error actually being reported.
+_USER_ERROR_CLASSES = (
+    ("data_pipeline.records", "DataError"),
+    ("data_pipeline.prepare", "PrepareAborted"),
+    ("trainer.config", "ConfigError"),
+    ("trainer.models", "ModelError"),
+    ("trainer.run_dir", "RunDirError"),
+    ("trainer.checkpoint", "CheckpointError"),
+    ("trainer.report", "ReportInputError"),
+    ("trainer.trainer", "TrainingStopped"),
+)
+# OSErrors about the machine, not the program: the user fixes them (free space, permissions), a traceback won't help
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# torch's DataLoader re-raises a worker's exception with the worker's traceback inside the message
+_WORKER_TRACEBACK = "Original Traceback (most recent call last):"
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Stopped): ")
+
+
+class UsageError(Exception):
+    """A command-line value the parser cannot check by itself (e.g. a limit defined by a package)."""
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    # imported lazily so `metaloss --help` stays fast
-    from data_pipeline.records import DataError
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.models import ModelError
-    from trainer.run_dir import RunDirError
-    from trainer.report import ReportInputError
-    from trainer.trainer import TrainingStopped
+    classes: list[type[BaseException]] = [FileNotFoundError, UsageError]
+    for module, name in _USER_ERROR_CLASSES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            classes.append(cls)
+    return tuple(classes)
 
-    return (DataError, ConfigError, ModelError, RunDirError, CheckpointError, TrainingStopped,
-            ReportInputError, FileNotFoundError)
+
+def is_user_error(e: BaseException) -> bool:
+    if isinstance(e, _user_errors()):
+        return True
+    return isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS
+
+
+def user_message(e: BaseException) -> str:
+    """The message a user sees: the exception's own text, without a worker's traceback wrapped into it.
+
+    A DataLoader worker's DataError arrives as "Caught DataError in DataLoader worker process 0.\\nOriginal
+    Traceback ...\\ndata_pipeline.records.DataError: <message>": the user gets <message> (the traceback, with
+    --debug). Everything else is passed through; a message that is only whitespace becomes the class name."""
+    msg = str(e).strip()
+    if _WORKER_TRACEBACK in msg:
+        tail = msg.split(_WORKER_TRACEBACK, 1)[1]
+        # the last "pkg.Class: message" line of the traceback starts the original message (which may be multi-line)
+        starts = [m.start() for m in re.finditer(_EXCEPTION_LINE.pattern, tail, flags=re.M)]
+        if starts:
+            msg = _EXCEPTION_LINE.sub("", tail[starts[-1]:].strip(), count=1)
+    if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS and e.filename:
+        # "[Errno 28] No space left on device: '/x'" -> name the file first, as every other error does
+        msg = f"cannot write {e.filename}: {e.strerror}" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) \
+            else f"{e.filename}: {e.strerror}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg += " (disk full: free some space or choose another output folder, then run the same command again)"
+    return msg or type(e).__name__
 
 
 def setup_logging(debug: bool = False) -> None:
@@ -32,15 +78,14 @@ def setup_logging(debug: bool = False) -> None:
 
 
 def user_errors_exit(fn):
-    """Decorator for CLI entry points: known user errors -> one line + exit 2 (traceback with debug=True)."""
+    """Decorator for CLI entry points: known user errors -> one message + exit 2 (traceback with debug=True)."""
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
             return fn(*args, debug=debug, **kwargs)
-        except _user_errors() as e:
-            if debug:
+        except Exception as e:
+            if debug or not is_user_error(e):
                 raise
-            msg = str(e).strip() or type(e).__name__
-            print(f"metaloss: error: {msg}", file=sys.stderr)
+            print(f"metaloss: error: {user_message(e)}", file=sys.stderr)
             sys.exit(2)
     return wrapper

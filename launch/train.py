@@ -1,7 +1,11 @@
-"""Training entry point: ``python -m launch.train CONFIG [key.sub=value ...]``.
+"""Training entry point: ``python -m launch.train CONFIG [key.sub=value ...] [--resume auto|PATH]``.
 
 Works as is for one process, and under ``torchrun --nproc_per_node N -m launch.train ...`` or
-``accelerate launch --multi_gpu --num_processes N -m launch.train ...`` (Accelerate reads the launcher's env).
+``accelerate launch --multi_gpu --num_processes N -m launch.train ...`` (Accelerate reads the launcher's env; on CPU
+the trainer picks the gloo backend). See docs/DISTRIBUTED.md.
+
+Exit status: 0 when training finished *or* was pre-empted by SIGTERM (the state is checkpointed; run the same
+command with ``--resume auto`` to continue), 2 for a user error (one line on stderr).
 """
 from __future__ import annotations
 
@@ -15,7 +19,9 @@ from .errors import setup_logging, user_errors_exit
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML preset (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
-    p.add_argument("--resume", default=None, help="'auto' (latest good checkpoint of the run) or a checkpoint dir")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (newest loadable checkpoint of the run; a fresh start when there is none) or a "
+                        "checkpoint dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run dir of the same name")
     p.add_argument("--force", action="store_true", help="resume even though guarded config keys changed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -30,17 +36,21 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)
     metrics = trainer.fit()
-    if trainer.accelerator.is_main_process and "test" in metrics:
-        t = metrics["test"]
-        print(json.dumps({"run_dir": str(trainer.run_dir), "accuracy": round(t["accuracy"], 4),
-                          "macro_f1": round(t["macro_f1"], 4), "qwk": round(t["qwk"], 4)}))
+    if trainer.accelerator.is_main_process:
+        if metrics.get("preempted"):
+            print(json.dumps({"run_dir": str(trainer.run_dir), "preempted": True, "step": metrics["step"]}))
+        elif "test" in metrics:
+            t = metrics["test"]
+            print(json.dumps({"run_dir": str(trainer.run_dir), "accuracy": round(t["accuracy"], 4),
+                              "macro_f1": round(t["macro_f1"], 4), "qwk": round(t["qwk"], 4)}))
+    trainer.accelerator.end_training()  # tears the process group down cleanly (no-op for one process)
     return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.train", description=__doc__.splitlines()[0])
     add_train_args(p)
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # `CONFIG --resume auto key=value` as well as `CONFIG key=value --resume auto`
     setup_logging(args.debug)
     run_training(args, debug=args.debug)
     return 0

@@ -122,3 +122,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def flat(ts) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in ts])
+
+
+def single_thread():
+    """Generator for a module-scoped autouse fixture: these tensors are tiny, and on a busy 2-core machine two
+    OpenMP threads spin against each other (measured 100x slower); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -5,6 +5,14 @@ to ``.tmp-step_.../`` first and is renamed by the main process after every rank 
 at any moment leaves either the old set of checkpoints or the old set plus one complete new one -- never a half one
 under a real name. ``--resume auto`` walks complete checkpoints newest first and falls back, with a warning, past
 one that fails to load.
+
+What a checkpoint holds (``accelerator.save_state`` + the objects the Trainer registers): model, classifier
+optimiser, LR scheduler, GradScaler (fp16), every rank's RNG states, and -- saved by the main process, identical on
+every rank -- ``TrainState`` (step/epoch/history), the train and meta stream positions and the meta-reweighter
+(φ and its Adam state). Under DeepSpeed the engine writes its own (per-rank, ZeRO-partitioned) files.
+
+``FaultInjection`` is a test hook (``METALOSS_TEST_FAULT``) that lets the crash-consistency tests kill a real
+training process at an exact point; it does nothing unless that variable is set.
 """
 from __future__ import annotations
 
@@ -12,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -26,9 +35,10 @@ class CheckpointError(RuntimeError):
 class TrainState:
     """Loop position and fault counters; registered with Accelerate so it travels in every checkpoint."""
 
-    def __init__(self):
+    def __init__(self, world_size: int = 1):
         self.step = 0          # real optimisation steps done
         self.epoch = 0         # current epoch (0-based)
+        self.world_size = world_size  # ranks that wrote the state: stream positions are per-rank shard positions
         self.history: list[dict] = []
         self.step_history: list[dict] = []
         self.bad_steps = 0
@@ -63,7 +73,8 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, befor
     tmp = root / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp-step_*"):  # left by a kill mid-write: never loaded, only in the way
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=False)
@@ -74,7 +85,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, befor
         raise CheckpointError(f"could not write checkpoint {tmp}: {e}; previous checkpoints are kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / MARKER).write_text(json.dumps({"step": step}))
+        (tmp / MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}))
         _fsync_dir(tmp)
         if before_rename is not None:  # test hook: lets a test kill the process at this exact point
             before_rename(tmp)
@@ -126,3 +137,49 @@ def load_latest(accelerator, candidates: list[Path]) -> Path | None:
     if candidates:
         raise CheckpointError(f"no loadable checkpoint among {[str(c) for c in candidates]}")
     return None
+
+
+class FaultInjection:
+    """Test hook: ``METALOSS_TEST_FAULT=ACTION:STEP[@RANK]`` kills or signals this process at an exact point.
+
+    ``kill_after_step:N``   SIGKILL once step N (and its checkpoint, if one is due) is done -- a crash mid-epoch;
+    ``term_after_step:N``   SIGTERM at the same point -- a pre-emption, through the real signal handler;
+    ``kill_before_rename:N`` SIGKILL inside the checkpoint of step N, after every file is written but before the
+                            rename that publishes it -- the worst moment for a checkpoint write.
+    ``@RANK`` limits it to one rank (default: every rank). Unset (always, outside tests): every method is a no-op.
+    """
+
+    ACTIONS = ("kill_after_step", "term_after_step", "kill_before_rename")
+
+    def __init__(self, spec: str | None, rank: int):
+        self.action, self.step = None, -1
+        if not spec:
+            return
+        try:
+            action, rest = spec.split(":", 1)
+            step, _, only_rank = rest.partition("@")
+            self.step = int(step)
+            if only_rank and int(only_rank) != rank:
+                return
+        except ValueError:
+            raise ValueError(f"METALOSS_TEST_FAULT={spec!r}: expected ACTION:STEP[@RANK]") from None
+        if action not in self.ACTIONS:
+            raise ValueError(f"METALOSS_TEST_FAULT={spec!r}: action must be one of {', '.join(self.ACTIONS)}")
+        self.action = action
+
+    @classmethod
+    def from_env(cls, rank: int) -> "FaultInjection":
+        return cls(os.environ.get("METALOSS_TEST_FAULT"), rank)
+
+    def after_step(self, step: int) -> None:
+        if step != self.step:
+            return
+        if self.action == "kill_after_step":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif self.action == "term_after_step":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def before_rename(self, step: int):
+        if self.action == "kill_before_rename" and step == self.step:
+            return lambda tmp: os.kill(os.getpid(), signal.SIGKILL)
+        return None

@@ -95,6 +95,8 @@ class MetaConfig:
     sample_one_hot: bool = False
     meta_batch_size: int = 0  # 0 = train.batch_size
     seed_offset: int = 1000  # the meta stream's own shuffling seed = train.seed + seed_offset
+    # warn when every weight stays < 1e-3 or > 1 - 1e-3 for this many consecutive steps (collapsed meta-net)
+    collapse_steps: int = 20
 
 
 @dataclass

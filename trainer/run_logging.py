@@ -45,6 +45,8 @@ class RunLogger:
         self.images = 0
         self.t_interval = time.perf_counter()
         self.bar = None
+        self.collapsed_run = 0  # consecutive steps whose meta weights all sat at 0 or 1
+        self.collapse_warned = False
 
     # --- start / epochs -------------------------------------------------------------------------------------------
     def start(self, streams, splits) -> None:
@@ -109,6 +111,7 @@ class RunLogger:
         img_s = self.images / max(elapsed, 1e-9)
         rows = [per_step[s] for s in self.steps]
         state.step_history.extend({k: r.get(k) for k in ("step",) + _STEP_KEYS} for r in rows)
+        self._check_collapse(rows)
         last = self.steps[-1]
         scalars = {f"train/{'loss' if k == 'train_loss' else k}": float(np.mean([r[k] for r in rows if k in r]))
                    for k in ("train_loss", "weighted_loss") if any(k in r for r in rows)}
@@ -133,6 +136,20 @@ class RunLogger:
         self.wait_s = self.step_s = 0.0
         self.images = 0
         self.t_interval = time.perf_counter()
+
+    def _check_collapse(self, rows: list[dict]) -> None:
+        """A sigmoid meta-net that saturates stops reweighting: all weights < 1e-3 (the loss vanishes) or > 1-1e-3."""
+        for r in rows:
+            if r.get("w_max") is None:
+                continue
+            saturated = r["w_max"] < 1e-3 or r["w_min"] > 1 - 1e-3
+            self.collapsed_run = self.collapsed_run + 1 if saturated else 0
+            if self.collapsed_run >= self.cfg.meta.collapse_steps and not self.collapse_warned:
+                self.collapse_warned = True
+                log.warning("meta-weight collapse: every weight has been %s for %d steps (step %d); the meta-net "
+                            "no longer reweights -- consider a lower meta.lr or meta.granularity=class",
+                            "< 1e-3" if r["w_max"] < 1e-3 else "> 1-1e-3", self.collapsed_run, r["step"])
+                self.tb.scalars(r["step"], {"faults/meta_weight_collapse": 1.0})
 
     # --- evaluation results ---------------------------------------------------------------------------------------
     def epoch_end(self, state, val: dict) -> dict:

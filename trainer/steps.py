@@ -46,6 +46,11 @@ class StepRunner:
         self.max_consecutive_bad = torch.zeros_like(self.consecutive_bad)
         self.bad_steps = torch.zeros_like(self.consecutive_bad)
 
+    def restore_counters(self, *, bad_steps: int) -> None:
+        """After a resume the run's bad-step total continues from the checkpoint; the consecutive count restarts at 0
+        (a resumed run gets ``max_bad_steps`` fresh tries)."""
+        self.bad_steps.fill_(int(bad_steps))
+
     def _to_device(self, batch):
         images = batch.images.to(self.accelerator.device, non_blocking=True)
         if self.input_dtype is not None:
@@ -67,6 +72,8 @@ class StepRunner:
         rw = self.reweighter
         if rw is not None and step % self.cfg.meta.every == 0:
             stats.update(self._meta_step(x, y))
+        buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
+        saved = [b.clone() for b in buffers] if self.device_skip else None  # BN stats: small, restored if bad
         logits = self.model(x)  # Accelerate's prepared forward already runs under autocast
         per_sample = self.loss_fn(logits.float(), y)
         plain = per_sample.mean()
@@ -88,6 +95,9 @@ class StepRunner:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if saved is not None:
+            # a NaN batch has already poisoned BatchNorm's running statistics in the forward; put them back
+            torch._foreach_copy_(buffers, [torch.where(ok, b, s) for b, s in zip(buffers, saved)])
         bad = (~ok).long()
         self.bad_steps += bad
         self.consecutive_bad = (self.consecutive_bad + 1) * bad

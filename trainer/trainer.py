@@ -1,6 +1,8 @@
 """The Trainer: builds every component from the config, runs epochs, evaluates, checkpoints, writes the run dir.
 
 Read ``fit`` top to bottom for the loop; the step itself lives in ``steps.py`` and the logging in ``run_logging.py``.
+Many ranks: every rank runs this same loop in lock-step (same number of steps, the same checkpoints, the same stop
+decision -- see ``StopAgreement``); only the main process writes files.
 """
 from __future__ import annotations
 
@@ -14,9 +16,9 @@ from accelerate.utils import set_seed
 from data_pipeline.records import class_names
 from data_pipeline.streams import build_streams
 
-from .accel import build_accelerator
-from .checkpoint import TrainState, load_latest, resolve_resume, save_checkpoint
-from .config import Config, ConfigError
+from .accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
+from .checkpoint import CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint
+from .config import Config
 from .evaluation import Predictions, evaluate
 from .losses import build_loss
 from .models import build_model
@@ -36,8 +38,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None, overwrite: bool = False, force: bool = False,
                  quiet: bool = False):
         self.cfg = cfg
-        self._check_supported(cfg)
-        self.accelerator = acc = build_accelerator(cfg)
+        self.accelerator = acc = build_accelerator(cfg)  # refuses unsupported distributed combinations first
         set_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -66,51 +67,77 @@ class Trainer:
             self.reweighter = MetaReweighter(cfg.meta, num_classes=k)
             self.reweighter.to(acc.device)
             self.reweighter.broadcast_from(0)  # φ replicated, not DDP-wrapped: start identical on every rank
+        # θ: DDP or a DeepSpeed engine. The meta step looks ahead on the unwrapped module (rank-local gradient);
+        # the real step goes through the wrapper (gradient all-reduce / ZeRO).
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        match_buffer_dtypes(acc.unwrap_model(self.model))  # DeepSpeed bf16 casts parameters, not BatchNorm buffers
         self.input_dtype = torch.bfloat16 if (cfg.train.distributed == "deepspeed"
                                               and cfg.train.precision == "bf16") else None
-        self.state = TrainState()
+        self.state = TrainState(world_size=acc.num_processes)
         for obj in (self.state, self.streams.train, self.streams.meta) + ((self.reweighter,) if self.reweighter else ()):
             acc.register_for_checkpointing(obj)
-        self.step_runner = StepRunner(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                      loss_fn=self.loss_fn, reweighter=self.reweighter,
-                                      meta_stream=self.streams.meta, accelerator=acc, cfg=cfg,
-                                      input_dtype=self.input_dtype)
+        # `runner` keeps the fault counters; `step_runner` is what the loop calls (tests may wrap it)
+        self.runner = self.step_runner = StepRunner(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loss_fn=self.loss_fn,
+            reweighter=self.reweighter, meta_stream=self.streams.meta, accelerator=acc, cfg=cfg,
+            input_dtype=self.input_dtype)
         self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet)
         self.resumed_from = load_latest(acc, resolve_resume(self.run_dir, resume))
         if self.resumed_from is not None:
+            self._check_resumed_world()
+            self.runner.restore_counters(bad_steps=self.state.bad_steps)
             log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
-        self._stop_signal = False
+        self.stop = StopAgreement(acc.num_processes)
+        self.faults = FaultInjection.from_env(acc.process_index)
+        self._stopping = False
         self._last_checkpoint_step = self.state.step if self.resumed_from is not None else -1
 
-    @staticmethod
-    def _check_supported(cfg: Config) -> None:
-        if cfg.train.loss == "meta" and cfg.train.distributed == "deepspeed" and cfg.meta.lookahead_optimizer == "adam":
-            raise ConfigError("meta.lookahead_optimizer: adam is not available under DeepSpeed (ZeRO partitions the "
-                              "Adam state); use sgd")
+    def _check_resumed_world(self) -> None:
+        """Stream positions count batches of a per-rank shard: they only mean the same thing with the same ranks."""
+        saved, now = self.state.world_size, self.accelerator.num_processes
+        if saved == now:
+            return
+        if self.cfg.train.distributed == "deepspeed":
+            raise CheckpointError(f"{self.resumed_from} was written by {saved} rank(s), this run has {now}: DeepSpeed "
+                                  "ZeRO checkpoints are partitioned per rank; resume with the same number of ranks")
+        if self.streams.train.state_dict().get("consumed", 0):
+            raise CheckpointError(f"{self.resumed_from} was written mid-epoch by {saved} rank(s), this run has {now}: "
+                                  "the data position cannot be mapped onto the new shards; resume with the same "
+                                  "number of ranks or from an epoch-end checkpoint")
+        log.warning("resuming a %d-rank checkpoint on %d ranks: epochs now have %d steps each", saved, now,
+                    self.steps_per_epoch)
+        self.state.world_size = now
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, st, acc = self.cfg, self.state, self.accelerator
+        cfg, st = self.cfg, self.state
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        clean = False
         try:
             if st.step == 0:
                 self.logger.start(self.streams, self.splits)
             while st.epoch < cfg.train.epochs and not self._done():
-                self._train_epoch()
-                if self._stop_signal:
-                    return self._preempted()
-                if st.step % self.steps_per_epoch == 0 or self._done():  # epoch finished (not interrupted)
+                completed = self._train_epoch()
+                if self._stopping:
+                    result = self._preempted()
+                    clean = True
+                    return result
+                if completed or self._done():
                     self._end_epoch()
-            return self._finish()
+            result = self._finish()
+            clean = True
+            return result
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if clean:  # after an error the other ranks may be gone: do not wait on them
+                self.stop.close()
             self.logger.close()
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps
 
-    def _train_epoch(self) -> None:
+    def _train_epoch(self) -> bool:
+        """One (rest of an) epoch. True when the stream ran out (epoch complete), False when stopped early."""
         cfg, st = self.cfg, self.state
         self.loss_fn.set_epoch(st.epoch)
         self.streams.train.set_epoch(st.epoch)
@@ -129,9 +156,14 @@ class Trainer:
                 self._flush_logs()
             if cfg.checkpoint.enabled and cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
                 self._checkpoint()
-            if self._stop_signal or self._done():
-                break
+            self.faults.after_step(st.step)
+            if self.stop.should_stop():  # every rank, every step: the ranks agree on the step they stop at
+                self._stopping = True
+                return False
+            if self._done():
+                return False
             t_wait = time.perf_counter()
+        return True
 
     def _lrs(self) -> dict[str, float]:
         lrs = {"lr/classifier": self.scheduler.get_last_lr()[0]}
@@ -139,12 +171,15 @@ class Trainer:
             lrs["lr/meta"] = self.reweighter.optimizer.param_groups[0]["lr"]
         return lrs
 
-    def _flush_logs(self) -> None:
-        """Logging interval: the one place the hot loop syncs with the device."""
+    def _sync_logs(self) -> None:
+        """Drain the per-step buffers into the state (the one place the hot loop syncs with the device)."""
         self.logger.flush_steps(self.state)
+        self.state.bad_steps = int(self.runner.bad_steps)
+
+    def _flush_logs(self) -> None:
+        self._sync_logs()
         st = self.state
-        st.bad_steps = int(self.step_runner.bad_steps)
-        if int(self.step_runner.max_consecutive_bad) >= self.cfg.train.max_bad_steps:
+        if int(self.runner.max_consecutive_bad) >= self.cfg.train.max_bad_steps:
             # skipped steps never touched the weights, so the current state *is* the last good one
             self._checkpoint()
             raise TrainingStopped(f"{self.cfg.train.max_bad_steps} consecutive steps had a non-finite loss or "
@@ -161,24 +196,44 @@ class Trainer:
         if self.cfg.checkpoint.enabled:
             self._checkpoint()
 
+    def evaluate(self, split: str = "test") -> tuple[dict, Predictions]:
+        """Metrics and gathered predictions of the current weights on ``split`` ("meta" or "test"), every rank."""
+        if split not in self.streams.eval:
+            raise ValueError(f"evaluate: unknown split {split!r} (have {', '.join(self.streams.eval)})")
+        return self._evaluate(split)
+
+    def _sync_buffers(self) -> None:
+        """DeepSpeed leaves each rank its own BatchNorm statistics; give every rank rank 0's, as DDP would."""
+        if self.cfg.train.distributed == "deepspeed":
+            broadcast_buffers(self.accelerator.unwrap_model(self.model), src=0)
+
     def _evaluate(self, split: str) -> tuple[dict, Predictions]:
+        self._sync_buffers()
         stream = self.streams.eval[split]
         with self.logger.progress(f"eval {split}", len(stream)) as bar:
             return evaluate(self.model, stream, self.accelerator, self.cfg.model.num_classes,
                             input_dtype=self.input_dtype, progress=bar)
 
     def _checkpoint(self) -> None:
-        save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.cfg.checkpoint.keep_last)
+        # drain the logs first: the step history in the checkpoint must cover exactly the steps it contains
+        self._sync_logs()
+        self._sync_buffers()
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step, self.cfg.checkpoint.keep_last,
+                        before_rename=self.faults.before_rename(self.state.step))
         self._last_checkpoint_step = self.state.step
 
     def _on_sigterm(self, signum, frame) -> None:
-        # only set a flag: the loop checkpoints at the next step boundary, where the state is consistent
-        log.warning("SIGTERM received: checkpointing after this step and exiting")
-        self._stop_signal = True
+        # only set a flag: the loop checkpoints at a step boundary all ranks agree on, where the state is consistent
+        log.warning("SIGTERM received: checkpointing at the next step boundary and exiting")
+        self.stop.request()
 
     def _preempted(self) -> dict:
         self._flush_logs()
-        self._checkpoint()
+        if self._last_checkpoint_step != self.state.step:
+            self._checkpoint()
+        if self.accelerator.is_main_process:
+            log.warning("pre-empted: checkpointed step %d in %s; continue with --resume auto", self.state.step,
+                        self.run_dir / "checkpoints")
         return {"preempted": True, "step": self.state.step}
 
     def _finish(self) -> dict:

@@ -36,6 +36,9 @@ Algorithm (one meta-step):
   4. S: a forward-mode pass through the meta-net with dual input ℓ + ε d (this yields J_u c·e or ∂c/∂ℓ·d for free),
      then reverse mode from the tangent of Σ c_i ℓ_i to φ.
 The network sees two forwards, two ordinary backwards and one dual forward; never a graph of its own gradient.
+Special case ``batch`` granularity + ``detach_features``: c_i = w for all i and w is constant in θ, so
+(1/N) Σ c_i d_i = w · ⟨v, ∇θ mean(ℓ)⟩ and step 1's gradient of mean(ℓ) gives it by a dot product -- step 3 is
+skipped (d_i is replaced by its mean, which leaves S unchanged because every c_i is the same).
 
 The dual forward uses the unit tangent v̂ and multiplies d by ‖v‖ afterwards (linear, so exact): tangents of
 activations then have a fixed scale, which matters under fp16 autocast where a raw ‖v‖ ~ α·|grad| would underflow.
@@ -64,6 +67,13 @@ def _unit_direction(v: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torc
     if all(t.dtype == acc for t in v):
         return torch._foreach_mul(v, inv), norm
     return [t.mul(inv.to(t.dtype)) for t in v], norm
+
+
+def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Σ over tensors of ⟨a_j, b_j⟩, accumulated in at least fp32."""
+    with torch.no_grad():
+        acc = torch.promote_types(a[0].dtype, torch.float32)
+        return torch.stack([torch.vdot(x.reshape(-1).to(acc), z.reshape(-1).to(acc)) for x, z in zip(a, b)]).sum()
 
 
 def directional_forward_ad(module: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor],
@@ -122,14 +132,25 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     scale = scale or VirtualLossScale(None, y.device)
     names, params = trainable_params(module)
     precond = preconditioner(params, optimizer, lookahead_optimizer)
+    # batch granularity with detached features: c_i = w for every i and w does not depend on θ, so
+    # ∇θ L_w = w ∇θ mean(ℓ) and S only needs mean_i d_i = ⟨v, ∇θ mean(ℓ)⟩ -- a dot product with a gradient
+    # step 1 already has. The third network pass (dual or finite-difference forwards) is skipped.
+    shared_weight = weighting.granularity == "batch" and detach_features
     with frozen_batchnorm(module), torch.enable_grad():
         # 1. virtual gradient at θ (the meta-net part of this graph is not differentiated here)
         with autocast_context(autocast):
             logits = module(x)
         losses = per_sample_ce(logits, y)
-        weighted = weighting.weighted_sum(losses, y, detach_features) / losses.shape[0]
-        grads = scale.grad(weighted, params)
-        del logits, weighted
+        if shared_weight:
+            mean_grads = scale.grad(losses.mean(), params)
+            with torch.no_grad():
+                w = weighting.coefficients(weighting.to_meta(losses.detach()), y)[0]
+                grads = [g * w.to(g.dtype) for g in mean_grads]
+        else:
+            weighted = weighting.weighted_sum(losses, y, detach_features) / losses.shape[0]
+            grads = scale.grad(weighted, params)
+            del weighted
+        del logits
         # 2. look-ahead and the meta loss's gradient at θ'
         moved = sgd_lookahead(params, apply_preconditioner(grads, precond), lr)
         del grads
@@ -137,7 +158,9 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
         v = apply_preconditioner(scale.grad(meta_loss, moved), precond)
         del moved
         # 3. directional derivatives of the per-sample train losses along v
-        if directional == "forward_ad":
+        if shared_weight:
+            d = _dot(v, mean_grads).to(losses.dtype).expand(losses.shape[0])
+        elif directional == "forward_ad":
             d = directional_forward_ad(module, names, params, v, x, y, autocast)
         else:
             d = directional_fd(module, names, params, v, x, y, fd_eps, autocast)

@@ -97,11 +97,17 @@ def preconditioner(params: Sequence[torch.Tensor], optimizer, kind: str) -> list
         return [None] * len(params)
     if kind != "adam":
         raise ValueError(f"meta.lookahead_optimizer: {kind!r} is not one of sgd, adam")
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    # ZeRO-partitioned optimisers (DeepSpeed) key their state by flat partitions, not by these parameters:
+    # every lookup below then misses and the look-ahead falls back to the identity (documented)
+    try:
+        states = optimizer.state
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    except (AttributeError, KeyError, TypeError):
+        return [None] * len(params)
     out: list[Optional[torch.Tensor]] = []
     with torch.no_grad():
         for p in params:
-            state = optimizer.state.get(p) if hasattr(optimizer.state, "get") else None
+            state = states.get(p) if hasattr(states, "get") else None
             if not state or "exp_avg_sq" not in state or id(p) not in group_of:
                 out.append(None)
                 continue

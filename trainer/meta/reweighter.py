@@ -15,6 +15,7 @@ The meta-net is fp32 (``dtype`` exists for float64 tests); it follows the device
 """
 from __future__ import annotations
 
+import copy
 from typing import Optional, Sequence
 
 import torch
@@ -183,7 +184,9 @@ class MetaReweighter:
         except RuntimeError as e:
             raise ValueError(f"MetaReweighter.load_state_dict: the saved meta-net does not fit this one "
                              f"(granularity/hidden/num_classes changed?): {e}") from None
-        self.optimizer.load_state_dict(state["optimizer"])
+        # deep copy: Optimizer.load_state_dict keeps same-device tensors by reference, and a state dict taken
+        # from another live reweighter would then share (and double-step) its Adam moments
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
     def broadcast_from(self, src: int = 0) -> None:
         """Copy φ from rank ``src`` to every rank (no-op without a process group)."""
