@@ -69,3 +69,25 @@ def test_user_errors_are_one_line_exit_2(synth_dir, tmp_path, override, needle):
                    check=False)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreadable_images_are_named_before_training(synth_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    victims = sorted((data / "train_images").iterdir())[:2]
+    victims[0].write_bytes(b"")
+    victims[1].write_text("not an image")
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *tiny_overrides(data, tmp_path / "runs", "hdr"),
+                   check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "2 unreadable image(s)" in proc.stderr
+    assert all(str(v) in proc.stderr for v in victims)
+    assert not (tmp_path / "runs" / "hdr" / "checkpoints").exists()  # refused before any training
+    run_cli("-m", "launch.train", "configs/demo.yaml",
+            *tiny_overrides(data, tmp_path / "runs", "hdr_skip", "data.skip_bad=true", "train.max_steps=1"),
+            "--quiet")
+    with open(tmp_path / "runs" / "hdr_skip" / "splits.csv") as f:
+        listed = {r["source_id"] for r in csv.DictReader(f)}
+    assert not {v.stem for v in victims} & listed

@@ -38,14 +38,44 @@ def synthetic_records(n: int, num_classes: int) -> list[Record]:
     return out
 
 
+def check_image_headers(records: list[Record], *, skip_bad: bool) -> list[Record]:
+    """Open every image's header (no pixel decode: ~0.1 ms each) before training starts.
+
+    A zero-byte or non-image file in the test split would otherwise surface only at the final evaluation, after
+    the whole run; here every such file is named at once (or dropped with a warning under data.skip_bad).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for r in records:
+        try:
+            with Image.open(r.path) as im:
+                im.size  # noqa: B018 -- parsing the header is the check
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            bad.append((r, str(e).split("\n")[0]))
+    if not bad:
+        return records
+    listing = "\n".join(f"  {r.path} (id {r.source_id!r}): {why}" for r, why in bad[:50])
+    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
+    if not skip_bad:
+        raise DataError(f"{len(bad)} unreadable image(s):\n{listing}{more}\n(run `metaloss prepare` to quarantine "
+                        "them, or set data.skip_bad=true to train without them)")
+    log.warning("skipping %d unreadable image(s) (data.skip_bad):\n%s%s", len(bad), listing, more)
+    dropped = {id(r) for r, _ in bad}
+    return [r for r in records if id(r) not in dropped]
+
+
 def load_records(cfg: Config) -> list[Record]:
     if cfg.data.backend == "synthetic" and not cfg.data.root:
         return synthetic_records(cfg.data.synthetic_samples, cfg.model.num_classes)
     if not cfg.data.root:
         raise DataError("config key 'data.root' is empty: point it at a data set (or use data.backend=synthetic)")
     fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.root)
-    return read_dataset(fmt, cfg.data.root, num_classes=cfg.model.num_classes, path_col=cfg.data.path_col,
-                        label_col=cfg.data.label_col, skip_bad=cfg.data.skip_bad)
+    records = read_dataset(fmt, cfg.data.root, num_classes=cfg.model.num_classes, path_col=cfg.data.path_col,
+                           label_col=cfg.data.label_col, skip_bad=cfg.data.skip_bad)
+    if cfg.data.backend == "synthetic":
+        return records
+    return check_image_headers(records, skip_bad=cfg.data.skip_bad)
 
 
 def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:

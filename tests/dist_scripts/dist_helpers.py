@@ -47,6 +47,18 @@ def torchrun(*args: str, nproc: int = 2, env: dict | None = None, timeout: int =
     return proc
 
 
+def accelerate_launch(*args: str, config: str = "launch/accelerate/cpu_2proc.yaml", env: dict | None = None,
+                      timeout: int = 300) -> subprocess.CompletedProcess:
+    """``accelerate launch --config_file CONFIG --main_process_port <free> args...`` (the user-facing launcher)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+           "--main_process_port", str(free_port()), *args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=subprocess_env(env))
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+                             f"STDERR:\n{proc.stderr[-6000:]}")
+    return proc
+
+
 def python(*args: str, env: dict | None = None, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """One plain process (``python args...``) with the same environment as ``torchrun``."""
     proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
