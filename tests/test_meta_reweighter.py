@@ -113,7 +113,7 @@ def test_weighted_loss_gradient_reaches_theta_not_phi():
 def test_update_without_process_group_is_a_plain_adam_step():
     rw = MetaReweighter.from_dict({"granularity": "class", "lr": 1e-2}, K)
     ref_net = copy.deepcopy(rw.meta_net)
-    ref_opt = torch.optim.Adam(ref_net.parameters(), lr=1e-2)
+    ref_opt = torch.optim.Adam(ref_net.parameters(), lr=1e-2, fused=True)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=gen) for p in rw.meta_net.parameters()]
@@ -124,6 +124,22 @@ def test_update_without_process_group_is_a_plain_adam_step():
     for a, b in zip(rw.meta_net.parameters(), ref_net.parameters()):
         assert torch.equal(a, b)
         assert a.grad is None
+
+
+def test_non_finite_meta_gradient_skips_the_update():
+    rw = MetaReweighter.from_dict({"granularity": "class", "lr": 1e-2}, K)
+    rw.update([torch.ones(p.shape) for p in rw.meta_net.parameters()])
+    before = [p.detach().clone() for p in rw.meta_net.parameters()]
+    state = {k: v.clone() for k, v in rw.optimizer.state[next(rw.meta_net.parameters())].items()}
+    bad = [torch.ones(p.shape) for p in rw.meta_net.parameters()]
+    bad[0][0] = float("nan")
+    rw.update(bad)
+    for a, b in zip(rw.meta_net.parameters(), before):
+        assert torch.equal(a.detach(), b)
+    for k, v in rw.optimizer.state[next(rw.meta_net.parameters())].items():
+        assert torch.equal(v, state[k]), k
+    rw.update([torch.ones(p.shape) for p in rw.meta_net.parameters()])  # and it still learns afterwards
+    assert not torch.equal(next(rw.meta_net.parameters()).detach(), before[0])
 
 
 def test_meta_gradient_and_update_change_weights_and_record_loss():

@@ -128,7 +128,9 @@ class RunLogger:
         self.tb.scalars(last, scalars)
         if self.weights:
             w = torch.cat(self.weights).float().cpu()
-            self.tb.histogram("meta/weights", w, last)
+            w = w[torch.isfinite(w)]  # a skipped (non-finite) step's weights are not a distribution
+            if w.numel():
+                self.tb.histogram("meta/weights", w, last)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{img_s:.0f}")
         state.train_seconds += elapsed

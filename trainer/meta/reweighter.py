@@ -57,7 +57,8 @@ class MetaReweighter:
         self.num_classes = num_classes
         in_features, out_features = meta_net_sizes(cfg.granularity, num_classes, cfg.sample_one_hot)
         self.meta_net = MetaNet(in_features, out_features, cfg.hidden).to(device=device, dtype=dtype)
-        self.optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=cfg.lr)
+        # fused Adam reads `found_inf`, so a non-finite meta-gradient is skipped on the device (no host sync)
+        self.optimizer = torch.optim.Adam(self.meta_net.parameters(), lr=cfg.lr, fused=True)
         self.weighting = Weighting(self.meta_net, cfg.granularity, num_classes, cfg.sample_one_hot)
         self.last_meta_loss: Optional[torch.Tensor] = None
         self.last_skipped = False
@@ -81,7 +82,7 @@ class MetaReweighter:
         self.meta_net.to(device)
         for state in self.optimizer.state.values():
             for k, v in state.items():
-                if torch.is_tensor(v) and k != "step":
+                if torch.is_tensor(v):  # fused Adam keeps `step` on the parameters' device too
                     state[k] = v.to(device)
         return self
 
@@ -154,7 +155,12 @@ class MetaReweighter:
             return
         for p, g in zip(params, grads):
             p.grad = g.clone()
+        # NaN/inf anywhere (a poisoned batch on any rank: the mean carries it to every rank alike) -> every rank
+        # skips this update inside the fused kernel, so φ stays finite and identical without a host sync
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        self.optimizer.found_inf = (~finite).float()
         self.optimizer.step()
+        self.optimizer.found_inf = None
         self.optimizer.zero_grad(set_to_none=True)
 
     # ------------------------------------------------------------------------------------------------ real step
