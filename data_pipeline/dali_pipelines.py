@@ -1,7 +1,10 @@
-"""DALI pipeline definitions mirroring ``transforms.py`` (the torch backend), and their iterator wrapper.
+"""DALI pipeline definitions mirroring ``transforms.py`` (the torch backend), and their two iterator wrappers.
 
-One pipeline = one fixed, ordered list of files. Which files, in which order, for which rank, is decided in
-``dali_backend.py`` (the same index sequence the torch backend draws); this module only turns a list into batches.
+``ListRun``: one pipeline = one fixed, ordered list of files, read once per pass (``data.dali_sharding=explicit``
+and the eval streams; which files, in which order, for which rank, is decided in ``dali_backend.py``).
+``ReaderRun``: one pipeline over a whole split whose reader shards and shuffles by itself, built once and read for
+ever (``data.dali_sharding=reader``, the default). Both yield (images, positions); the reader's "label" is a position
+that ``dali_backend.py`` maps to the split id and class label.
 
 Augmentation, in the order torchvision applies it (train_transform):
   resize S x S (linear, antialiased -- the tent filter PIL/torchvision use for BILINEAR+antialias)
@@ -17,6 +20,8 @@ used because its contrast centre must be a CPU argument, and the per-image mean 
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -30,6 +35,14 @@ from .streams import IMAGENET_MEAN, IMAGENET_STD
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
 READER_NAME = "Reader"
 PREFETCH_BATCHES = 2  # DALI's default prefetch_queue_depth: a decode error can surface this many batches early
+# ReaderRun's shuffle buffer (fn.readers.file initial_fill; DALI's default is 1024), in samples. DALI's random_shuffle
+# is a BUFFER shuffle: the reader walks its shard in a fixed order (the file list after one global shuffle with a
+# hard-coded seed, identical on every rank so the shards stay disjoint) and each output is drawn uniformly from the
+# next `initial_fill` samples of the current pass (DALI 2.4 never mixes two passes in one draw). A shard no
+# larger than the buffer therefore gets a fresh uniform permutation every pass; a larger shard gets that fixed order
+# jittered by about the buffer size. The buffer holds encoded files (~50-150 KB for a prepared 512 px JPEG): 4096
+# of them are ~0.4 GB per pipeline, read once before the first batch of the run.
+SHUFFLE_BUFFER = 4096
 
 
 @dataclass(frozen=True)
@@ -86,15 +99,16 @@ def _augment(images, aug: AugmentSpec, gpu: bool):
 
 
 def build_pipeline(spec: PipelineSpec, files: Sequence[str], positions: Sequence[int], *, seed: int,
-                   pad_last_batch: bool):
+                   reader_args: dict):
     """A built DALI pipeline yielding (images, positions): images normalised float, CHW on the CPU, HWC on the GPU
-    (the caller permutes HWC to an N x 3 x H x W channels_last view for free); positions = index into ``files``."""
+    (the caller permutes HWC to an N x 3 x H x W channels_last view for free); positions = the reader's labels.
+    ``reader_args``: fn.readers.file's sharding / shuffling / padding arguments."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
     def _pipe():
-        jpegs, pos = fn.readers.file(files=list(files), labels=[int(p) for p in positions], random_shuffle=False,
-                                     pad_last_batch=pad_last_batch, name=READER_NAME)
+        jpegs, pos = fn.readers.file(files=list(files), labels=[int(p) for p in positions], name=READER_NAME,
+                                     **reader_args)
         images = fn.decoders.image(jpegs, device="mixed" if spec.gpu else "cpu", output_type=types.RGB)
         images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size,
                            interp_type=types.INTERP_LINEAR, antialias=True)
@@ -110,6 +124,56 @@ def build_pipeline(spec: PipelineSpec, files: Sequence[str], positions: Sequence
                  seed=seed % (2**31 - 1))
     pipe.build()
     return pipe
+
+
+def shard_sizes(n: int, world: int) -> list[int]:
+    """Sizes of fn.readers.file's shards: shard i is [floor(i*n/w), floor((i+1)*n/w)) of its (shuffled) list."""
+    return [(i + 1) * n // world - i * n // world for i in range(world)]
+
+
+def _as_torch(out: dict, gpu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    images = out["images"]
+    if gpu:
+        images = images.permute(0, 3, 1, 2)  # N x H x W x C memory = channels_last N x C x H x W view
+    return images, out["pos"].reshape(-1).to(torch.int64)
+
+
+def _unreadable(paths: Sequence[str]) -> list[str]:
+    """``path (reason)`` for every file PIL cannot fully decode (threads: PIL's decoders release the GIL)."""
+    from PIL import Image
+
+    def check(path: str) -> str | None:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:  # noqa: BLE001 -- any failure to decode is what we are looking for
+            return f"{path} ({type(e).__name__}: {e})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        return [bad for bad in pool.map(check, paths) if bad]
+
+
+def explain_failure(err: Exception, what: str, files: Sequence[str], suspects: Sequence[str] | None) -> Exception:
+    """A DataError naming the bad file(s) behind a DALI pipeline error, else a RuntimeError carrying DALI's message.
+
+    Checked with PIL: the files DALI's message names (its decoder says "Failed to decode sample #k : <path>"),
+    then ``suspects`` (ListRun: the files around the failing batch), or -- when None and DALI named no file of
+    ``files`` (a ReaderRun does not know which files its shuffled shard was on) -- every file of the list."""
+    msg = str(err)
+    unique = list(dict.fromkeys(files))
+    named = [f for f in unique if f in msg]
+    if suspects is None:
+        suspects = [] if named else unique
+    bad = _unreadable(list(dict.fromkeys([*named, *suspects])))
+    hint = "Run `metaloss prepare` on the raw data set: it quarantines such files."
+    if bad:
+        return DataError(f"{what}: unreadable image(s): {'; '.join(bad)}. {hint}")
+    if named:  # PIL reads it but DALI's decoder does not (e.g. a JPEG flavour nvJPEG refuses): quote DALI
+        lines = [ln.strip() for ln in msg.splitlines() if any(f in ln for f in named)]
+        return DataError(f"{what}: DALI cannot decode {', '.join(named)} ({lines[0] if lines else 'no detail'}). "
+                         f"{hint}")
+    return RuntimeError(f"{what}: DALI pipeline error: {err}")
 
 
 def derive_seed(*parts: int) -> int:
@@ -141,11 +205,11 @@ class ListRun:
         partial = len(self.files) % self.spec.batch_size != 0
         try:
             pipe = build_pipeline(self.spec, self.files, range(len(self.files)), seed=self.seed,
-                                  pad_last_batch=partial)
+                                  reader_args=dict(random_shuffle=False, pad_last_batch=partial))
             self._iter = DALIGenericIterator([pipe], ["images", "pos"], reader_name=READER_NAME,
                                              last_batch_policy=LastBatchPolicy.PARTIAL)
         except RuntimeError as e:  # the iterator decodes the first batch while being built
-            self._done = 0
+            self._done, self._iter = 0, None
             raise self._explain(e) from None
         self._done = 0
 
@@ -153,6 +217,9 @@ class ListRun:
         return self._len
 
     def rewind(self) -> None:
+        if self._iter is None:  # the last build or batch failed: DALI pipelines do not recover from errors
+            self._build()
+            return
         if self._done == 0:
             return
         if self._done == self._len:
@@ -163,21 +230,9 @@ class ListRun:
 
     def _explain(self, err: Exception) -> Exception:
         """Name the bad file(s) near the failing batch (DALI prefetches, so look a few batches ahead)."""
-        from PIL import Image
-
         bs = self.spec.batch_size
         window = self.files[self._done * bs:(self._done + PREFETCH_BATCHES + 2) * bs]
-        bad = []
-        for path in dict.fromkeys(window):
-            try:
-                with Image.open(path) as im:
-                    im.load()
-            except Exception as e:  # noqa: BLE001 -- any failure to decode is what we are looking for
-                bad.append(f"{path} ({type(e).__name__}: {e})")
-        if bad:
-            return DataError(f"{self.what}: unreadable image(s): {'; '.join(bad)}. Run `metaloss prepare` on the "
-                             f"raw data set: it quarantines such files.")
-        return RuntimeError(f"{self.what}: DALI pipeline error: {err}")
+        return explain_failure(err, self.what, self.files, window)
 
     def __iter__(self):
         self.rewind()
@@ -187,9 +242,79 @@ class ListRun:
             except StopIteration:  # cannot happen when len() is right; fail loudly rather than yield short epochs
                 raise RuntimeError(f"{self.what}: DALI stopped after {self._done} of {self._len} batches") from None
             except RuntimeError as e:  # a missing / corrupt file; DALI's message does not always name it
+                self._iter = None
                 raise self._explain(e) from None
             self._done += 1
-            images = out["images"]
-            if self.spec.gpu:
-                images = images.permute(0, 3, 1, 2)  # N x H x W x C memory = channels_last N x C x H x W view
-            yield images, out["pos"].reshape(-1).to(torch.int64)
+            yield _as_torch(out, self.spec.gpu)
+
+
+class ReaderRun:
+    """One pipeline over a whole split that DALI's reader shards and shuffles: built once, read for ever.
+
+    fn.readers.file(shard_id, num_shards, random_shuffle=True, stick_to_shard=True, initial_fill=buffer): this rank
+    reads shard ``shard_id`` of the list (see ``shard_sizes``) pass after pass, each pass re-shuffled (see
+    SHUFFLE_BUFFER for what DALI's shuffle is). stick_to_shard: each rank keeps its shard, so it re-reads the same
+    files every pass (page-cache and node-local-disk friendly; DALI's recommendation for multi-node jobs); the global
+    batch is one batch from every shard either way, so moving ranks across shards would not change what the
+    model sees.
+
+    ``next()`` never raises StopIteration: at the end of a pass the iterator is reset (auto_reset) and reading goes on.
+    pad_last_batch=True: every pass ends on a batch boundary -- DALI pads each shard (repeating its last sample) to
+    the largest shard's size and then to a whole batch, so a pass is ``pass_batches`` = ceil(ceil(n/w)/bs) batches on
+    every rank and the caller can count where passes begin. pad_last_batch=False: passes follow each other with no
+    padding, and the batch at a pass boundary holds the end of one pass and the start of the next.
+    """
+
+    def __init__(self, spec: PipelineSpec, files: Sequence[str], positions: Sequence[int], *, shard_id: int,
+                 num_shards: int, seed: int, pad_last_batch: bool, what: str):
+        if len(files) < num_shards:
+            raise ValueError(f"{what}: {len(files)} files for {num_shards} shards")
+        self.spec, self.files, self.positions = spec, list(files), list(positions)
+        self.shard_id, self.num_shards, self.seed, self.what = shard_id, num_shards, seed, what
+        self.pad_last_batch = pad_last_batch
+        largest = -(-len(self.files) // num_shards)
+        self.pass_batches = -(-largest // spec.batch_size) if pad_last_batch else None
+        self.buffer = max(1, min(largest, SHUFFLE_BUFFER))
+        self._iter = None
+        self._build()
+
+    @property
+    def broken(self) -> bool:
+        """A DALI pipeline does not recover from an error: the owner builds a new one."""
+        return self._iter is None
+
+    def _build(self) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        reader_args = dict(shard_id=self.shard_id, num_shards=self.num_shards, random_shuffle=True,
+                           stick_to_shard=True, initial_fill=self.buffer, pad_last_batch=self.pad_last_batch)
+        try:
+            pipe = build_pipeline(self.spec, self.files, self.positions, seed=self.seed, reader_args=reader_args)
+            # FILL: every batch full, padding included (the caller drops it by counting) and no pipeline output
+            # ever skipped, so the batches are the reader's stream as is; padded, the iterator's epoch is exactly
+            # one pass. Not DROP: it stops every rank at the smallest shard's floor(m/bs) batches (what we want),
+            # but when bs divides m and the shards are uneven it leaves the pass's last batch in the pipeline and
+            # the next epoch starts with it (measured, DALI 2.4: n=21, 2 shards, bs=5 -> epoch 2 opens with a
+            # batch of 5 copies of one padding sample).
+            it = DALIGenericIterator([pipe], ["images", "pos"], reader_name=READER_NAME, auto_reset=True,
+                                     last_batch_policy=LastBatchPolicy.FILL)
+        except RuntimeError as e:  # the iterator decodes the first batch while being built
+            raise explain_failure(e, self.what, self.files, None) from None
+        if self.pad_last_batch and len(it) != self.pass_batches:
+            raise RuntimeError(f"{self.what}: DALI reports {len(it)} batches per pass, expected "
+                               f"{self.pass_batches}; this DALI version pads shards differently")
+        self._iter = it
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next batch (images, positions); a new pass starts seamlessly after the last one."""
+        if self._iter is None:
+            raise RuntimeError(f"{self.what}: the pipeline failed before; build a new one")
+        for attempt in (0, 1):
+            try:
+                return _as_torch(next(self._iter)[0], self.spec.gpu)
+            except StopIteration:  # end of a pass: auto_reset has already rewound the iterator
+                if attempt:
+                    raise RuntimeError(f"{self.what}: DALI yielded nothing after a reset") from None
+            except RuntimeError as e:  # a missing / corrupt file
+                self._iter = None
+                raise explain_failure(e, self.what, self.files, None) from None
+        raise AssertionError("unreachable")

@@ -42,7 +42,8 @@ def _precision(precision: str, device: str):
 class _Runner:
     """One model + optimiser (+ reweighter) for one mode; ``step()`` is one full training step."""
 
-    def __init__(self, mode: str, arch: str, device: str, precision: str, granularity: str, seed: int):
+    def __init__(self, mode: str, arch: str, device: str, precision: str, granularity: str, seed: int,
+                 detach_features: bool = False):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         torch.manual_seed(seed)
@@ -56,7 +57,7 @@ class _Runner:
         if mode != "plain":
             lookahead = "exact" if mode == "exact_fd" else mode
             self.rw = MetaReweighter.from_dict(
-                {"granularity": granularity, "lookahead": lookahead,
+                {"granularity": granularity, "lookahead": lookahead, "detach_features": detach_features,
                  "directional": "fd" if mode == "exact_fd" else "forward_ad"}, NUM_CLASSES).to(device)
 
     def _ctx(self):
@@ -85,10 +86,11 @@ class _Runner:
 def bench_meta_step(arch: str = "resnet18", image_size: int = 64, batch: int = 32,
                     modes: Sequence[str] = ("plain", "head", "exact", "second_order"), steps: int = 5,
                     warmup: int = 2, precision: str = "fp32", device: str = "cpu", granularity: str = "batch",
-                    seed: int = 0, log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, float]]:
+                    seed: int = 0, detach_features: bool = False, log: Optional[Callable[[str], None]] = None
+                    ) -> dict[str, dict[str, float]]:
     """{mode: {"ms_per_step", "ratio_vs_plain"}} (median over ``steps`` timed steps after ``warmup``)."""
     modes = list(modes)
-    runners = {m: _Runner(m, arch, device, precision, granularity, seed) for m in modes}
+    runners = {m: _Runner(m, arch, device, precision, granularity, seed, detach_features) for m in modes}
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, 3, image_size, image_size)
     train = (torch.randn(shape, generator=gen).to(device), torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device))
@@ -134,6 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--granularity", default="batch", choices=["batch", "class", "sample"])
+    ap.add_argument("--detach-features", action="store_true", help="meta.detach_features=true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--verbose", action="store_true", help="print every step's time")
     args = ap.parse_args(argv)
@@ -144,10 +147,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if bad:
         ap.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
     results = bench_meta_step(args.arch, args.image_size, args.batch, modes, args.steps, args.warmup,
-                              args.precision, args.device, args.granularity,
+                              args.precision, args.device, args.granularity, detach_features=args.detach_features,
                               log=(lambda s: print(s, file=sys.stderr)) if args.verbose else None)
     print(f"# {args.arch} {args.image_size}px batch {args.batch} {args.precision} on {args.device} "
-          f"({torch.get_num_threads()} threads), granularity {args.granularity}, median of {args.steps} steps")
+          f"({torch.get_num_threads()} threads), granularity {args.granularity}"
+          f"{', detached features' if args.detach_features else ''}, median of {args.steps} steps")
     print(format_table(results))
     return 0
 

@@ -8,9 +8,9 @@ from PIL import Image, ImageDraw
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipeline.dali_backend import (DaliEvalStream, DaliMetaStream, DaliTrainStream,  # noqa: E402
-                                        build_dali_streams, epoch_order)
-from data_pipeline.dali_pipelines import AugmentSpec, PipelineSpec  # noqa: E402
+from data_pipeline.dali_backend import (DaliEvalStream, DaliMetaStream, DaliReaderMetaStream,  # noqa: E402
+                                        DaliReaderTrainStream, DaliTrainStream, build_dali_streams, epoch_order)
+from data_pipeline.dali_pipelines import AugmentSpec, PipelineSpec, explain_failure, shard_sizes  # noqa: E402
 from data_pipeline.records import DataError, Record  # noqa: E402
 from data_pipeline.streams import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from data_pipeline.transforms import eval_transform  # noqa: E402
@@ -151,10 +151,11 @@ def test_train_epochs_differ_and_resume_is_sample_exact(records):
     assert resumed.state_dict() == {"epoch": 1, "consumed": 0}
 
 
-def test_flip_only_yields_eval_image_or_mirror(records):
+@pytest.mark.parametrize("stream_cls", [DaliTrainStream, DaliReaderTrainStream])
+def test_flip_only_yields_eval_image_or_mirror(records, stream_cls):
     reference = _eval_images(records)
     flip_only = AugmentSpec(hflip=True, rotate_deg=0.0, brightness=0.0, contrast=0.0)
-    stream = DaliTrainStream(records, _spec(4, flip_only), 0, 1, 3)
+    stream = stream_cls(records, _spec(4, flip_only), 0, 1, 3)
     flipped = kept = 0
     for b in stream:
         for i, img in zip(b.ids.tolist(), b.images):
@@ -213,7 +214,12 @@ def test_full_augmentation_stays_in_normalised_range(records):
     assert changed == len(stream) * 4
 
 
-def test_meta_stream_is_endless_and_reshuffles_each_pass(records):
+@pytest.mark.parametrize("small_chunks", [False, True])  # True: a new pipeline for every pass
+def test_meta_stream_is_endless_and_reshuffles_each_pass(records, monkeypatch, small_chunks):
+    if small_chunks:
+        import data_pipeline.dali_backend as backend
+        monkeypatch.setattr(backend, "META_CHUNK_SAMPLES", 1)
+        monkeypatch.setattr(backend, "META_CHUNK_BATCHES", 1)
     meta = DaliMetaStream(records, _spec(4), 1, 2, 11)
     n_shard, per_pass = len(records) // 2, meta.batches_per_pass
     assert per_pass == n_shard // 4
@@ -227,6 +233,11 @@ def test_meta_stream_is_endless_and_reshuffles_each_pass(records):
     again = DaliMetaStream(records, _spec(4), 1, 2, 11)
     again.load_state_dict(state)
     assert next(again).ids.tolist() == nxt
+    mid = meta.state_dict()                      # mid-pass: the resumed pipeline starts inside pass 3
+    assert mid == {"epoch": 3, "consumed": 1}
+    expected = [next(meta).ids.tolist() for _ in range(3)]
+    again.load_state_dict(mid)
+    assert [next(again).ids.tolist() for _ in range(3)] == expected
 
 
 def test_meta_batch_clamped_to_tiny_shard(records):
@@ -237,13 +248,17 @@ def test_meta_batch_clamped_to_tiny_shard(records):
         DaliMetaStream(records[:1], _spec(8), 0, 2, 0)
 
 
-def test_build_dali_streams_from_config(records):
-    cfg = config_from_dict({
-        "data": {"image_size": S, "num_workers": 1, "rotate_deg": 0.0, "brightness": 0.0, "contrast": 0.0},
-        "train": {"batch_size": 4, "eval_batch_size": 6, "seed": 3, "cpu": True},
-        "meta": {"meta_batch_size": 2, "seed_offset": 10}})
+@pytest.mark.parametrize("sharding,train_cls,meta_cls", [("reader", DaliReaderTrainStream, DaliReaderMetaStream),
+                                                          ("explicit", DaliTrainStream, DaliMetaStream)])
+def test_build_dali_streams_from_config(records, sharding, train_cls, meta_cls):
+    data = {"image_size": S, "num_workers": 1, "rotate_deg": 0.0, "brightness": 0.0, "contrast": 0.0}
+    if sharding == "explicit":
+        data["dali_sharding"] = "explicit"  # "reader" is the default
+    cfg = config_from_dict({"data": data, "train": {"batch_size": 4, "eval_batch_size": 6, "seed": 3, "cpu": True},
+                            "meta": {"meta_batch_size": 2, "seed_offset": 10}})
     splits = {"train": records[:14], "meta": records[14:19], "test": records[19:]}
     streams = build_dali_streams(cfg, splits, 0, 1)
+    assert type(streams.train) is train_cls and type(streams.meta) is meta_cls
     assert len(streams.train) == 14 // 4
     b = next(iter(streams.train))
     assert b.images.shape == (4, 3, S, S) and b.images.device.type == "cpu"
@@ -258,8 +273,152 @@ def test_unreadable_image_is_named(records, tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"not a jpeg at all")
     stream = DaliEvalStream(records[:3] + [Record(str(bad), 0, "broken")], _spec(2), 0, 1, "test")
+    for _ in range(2):  # a failed pipeline is rebuilt: the second pass reports the same file, not a stale error
+        with pytest.raises(DataError, match="broken.jpg"):
+            list(stream)
+    first = DaliEvalStream([Record(str(bad), 0, "broken")] + records[:3], _spec(2), 0, 1, "test")
+    with pytest.raises(DataError, match="broken.jpg"):   # fails while the iterator pre-fetches batch 0
+        list(first)
+
+
+# --------------------------------------------------------------------- data.dali_sharding=reader (the default)
+def _ids(batches) -> list[int]:
+    return [i for b in batches for i in b.ids.tolist()]
+
+
+@pytest.mark.parametrize("n,bs", [(23, 3), (21, 5)])
+def test_reader_train_epochs_are_disjoint_shards_of_equal_length_from_one_pipeline(records, n, bs):
+    """(23, 3): shards 11/12, 3 steps each, a pass is 4 batches (the last one padded with a repeated image).
+    (21, 5): shards 10/11, bs divides the smaller one -- the case DALI's own DROP policy gets wrong. An epoch that
+    started inside the previous pass would repeat the padding image or overlap the previous epoch's tail."""
+    recs, world = records[:n], 2
+    steps = min(shard_sizes(n, world)) // bs
+    epochs = {}
+    for rank in range(world):
+        stream = DaliReaderTrainStream(recs, _spec(bs, AugmentSpec()), rank, world, 7)
+        assert len(stream) == steps  # the same on every rank although the shards differ
+        run = None
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            batches = list(stream)
+            assert len(batches) == steps
+            for b in batches:
+                assert b.images.shape == (bs, 3, S, S) and b.labels.dtype == torch.int64
+                assert b.labels.tolist() == [recs[i].label for i in b.ids.tolist()]
+            ids = _ids(batches)
+            assert len(set(ids)) == len(ids) == steps * bs and set(ids) <= set(range(n))
+            epochs[rank, epoch] = ids
+            run = run or stream._run
+            assert stream._run is run  # built once: the reader reshuffles each pass, no rebuild per epoch
+    for epoch in range(3):  # one epoch: disjoint ranks covering the split minus the dropped remainder
+        union = set(epochs[0, epoch]) | set(epochs[1, epoch])
+        assert len(union) == world * steps * bs and not set(epochs[0, epoch]) & set(epochs[1, epoch])
+    assert epochs[0, 0] != epochs[0, 1] and epochs[1, 1] != epochs[1, 2]  # every pass is reshuffled
+    shards = [set().union(*(epochs[rank, e] for e in range(3))) for rank in range(world)]
+    assert not shards[0] & shards[1]  # stick_to_shard: a rank never reads another rank's images
+    assert all(len(shards[r]) <= shard_sizes(n, world)[r] for r in range(world))
+
+
+def test_reader_train_seed_decides_the_shards(records):
+    def shard(seed):
+        stream = DaliReaderTrainStream(records, _spec(11), 0, 2, seed)
+        return set(_ids(stream))  # shard 0 has 11 images: one batch of 11 is all of it
+
+    assert shard(1) == shard(1) and shard(1) != shard(2)
+
+
+def test_reader_train_resume_mid_epoch_and_abandoned_epoch(records):
+    n, bs = len(records), 2
+    stream = DaliReaderTrainStream(records, _spec(bs), 0, 1, 5)
+    steps = len(stream)
+    assert steps == n // bs
+    it = iter(stream)
+    next(it), next(it)
+    del it                                   # abandoned after 2 steps: the next epoch is a whole fresh pass
+    stream.set_epoch(1)
+    it = iter(stream)
+    head = [next(it).ids.tolist() for _ in range(4)]
+    state = stream.state_dict()
+    assert state == {"epoch": 1, "consumed": 4}
+    rest = [b.ids.tolist() for b in it]
+    assert len(set(sum(head + rest, []))) == steps * bs
+    resumed = [DaliReaderTrainStream(records, _spec(bs), 0, 1, 5) for _ in range(2)]
+    tails = []
+    for r in resumed:
+        r.load_state_dict(state)
+        tail = [b.ids.tolist() for b in r]
+        assert len(tail) == steps - 4 and len(set(sum(tail, []))) == (steps - 4) * bs
+        assert r.state_dict() == {"epoch": 1, "consumed": 0}
+        tails.append(tail)
+    assert tails[0] == tails[1]  # DALI's seeded order: a resume is reproducible (not the uninterrupted order)
+    run = resumed[0]._run
+    resumed[0].set_epoch(2)
+    assert len(set(_ids(resumed[0]))) == steps * bs and resumed[0]._run is run
+
+
+def test_reader_meta_is_endless_and_every_pass_covers_the_shard(records):
+    n, bs, world = len(records), 4, 2
+    shards = []
+    for rank in range(world):
+        meta = DaliReaderMetaStream(records, _spec(bs), rank, world, 11)
+        m = shard_sizes(n, world)[rank]
+        batches = [next(meta) for _ in range(-(-5 * m // bs))]  # 5 passes and a bit; never StopIteration
+        assert all(b.labels.tolist() == [records[i].label for i in b.ids.tolist()] for b in batches)
+        ids = _ids(batches)
+        passes = [ids[p * m:(p + 1) * m] for p in range(5)]
+        shard = set(passes[0])
+        assert len(shard) == m and all(len(set(p)) == m and set(p) == shard for p in passes)
+        assert len({tuple(p) for p in passes}) > 1  # reshuffled
+        assert meta.state_dict() == {"epoch": len(ids) // m, "consumed": (len(ids) % m) // bs}
+        run = meta._run
+        next(meta)
+        assert meta._run is run  # one pipeline for the whole run
+        shards.append(shard)
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(range(n))  # nothing dropped in meta
+
+
+def test_reader_meta_resume_and_tiny_shard(records):
+    meta = DaliReaderMetaStream(records, _spec(4), 0, 1, 2)
+    for _ in range(8):
+        next(meta)
+    state = meta.state_dict()
+    assert state == {"epoch": 1, "consumed": (32 - 23) // 4}
+    again = DaliReaderMetaStream(records, _spec(4), 0, 1, 2)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    for _ in range(3):
+        assert set(next(again).ids.tolist()) <= set(range(23))
+    assert again.state_dict() == {"epoch": 1, "consumed": state["consumed"] + 3}
+    tiny = DaliReaderMetaStream(records[:5], _spec(8), 1, 2, 0)  # shards 2 and 3, batch 8 -> batches of 2
+    assert [next(tiny).images.shape[0] for _ in range(4)] == [2] * 4
+    with pytest.raises(DataError, match="meta split has 1 images"):
+        DaliReaderMetaStream(records[:1], _spec(8), 0, 2, 0)
+
+
+def test_reader_unreadable_image_is_named(records, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    good = records[0].path
+    with open(good, "rb") as f:
+        bad.write_bytes(f.read()[:300])  # a truncated JPEG: the header parses, decoding fails
+    recs = records[:7] + [Record(str(bad), 0, "broken")]
+    stream = DaliReaderTrainStream(recs, _spec(2), 0, 1, 0)
+    for _ in range(2):  # the failed pipeline is replaced: the second try names the same file
+        with pytest.raises(DataError, match="broken.jpg"):
+            list(stream)
+    meta = DaliReaderMetaStream(recs, _spec(2), 0, 1, 0)
     with pytest.raises(DataError, match="broken.jpg"):
-        list(stream)
+        for _ in range(5):  # a pass is 4 batches
+            next(meta)
+
+
+def test_explain_failure_scans_the_list_when_dali_names_no_file(records, tmp_path):
+    bad = tmp_path / "empty.jpg"
+    bad.write_bytes(b"")
+    files = [r.path for r in records[:4]] + [str(bad)]
+    err = explain_failure(RuntimeError("Critical error in pipeline"), "what", files, None)
+    assert isinstance(err, DataError) and "empty.jpg" in str(err) and "metaloss prepare" in str(err)
+    err = explain_failure(RuntimeError("boom"), "what", files[:4], None)
+    assert type(err) is RuntimeError and "boom" in str(err)
 
 
 def test_device_resolution_honours_cpu_requests():
@@ -288,5 +447,9 @@ def test_gpu_mixed_decode_matches_cpu_mode(records):
     assert seen == len(records)
     aug_spec = PipelineSpec(S, 4, 2, torch.cuda.current_device(), AugmentSpec())
     lo, hi = float((-MEAN / STD).min()), float(((1 - MEAN) / STD).max())
-    for b in DaliTrainStream(records, aug_spec, 0, 1, 0):
-        assert b.images.is_cuda and lo - 1e-4 <= float(b.images.min()) and float(b.images.max()) <= hi + 1e-4
+    for stream_cls in (DaliTrainStream, DaliReaderTrainStream):
+        for b in stream_cls(records, aug_spec, 0, 1, 0):
+            assert b.images.is_cuda and lo - 1e-4 <= float(b.images.min()) and float(b.images.max()) <= hi + 1e-4
+            assert b.images.is_contiguous(memory_format=torch.channels_last) and b.ids.is_cuda
+    meta = DaliReaderMetaStream(records, aug_spec, 0, 1, 0)
+    assert all(next(meta).images.is_cuda for _ in range(8))  # 32 samples: crosses a pass boundary (23 images)

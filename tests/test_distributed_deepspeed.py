@@ -47,35 +47,37 @@ def test_zero3_refusal_is_one_line_through_the_cli(synth_dir, tmp_path):
 @pytest.mark.distributed
 @pytest.mark.deepspeed
 @pytest.mark.slow
-def test_zero2_bf16_two_ranks_meta_step_checkpoint_and_resume(synth_dir, tmp_path):
-    def args(max_steps):
-        return [str(SCRIPTS / "train_and_dump.py"), str(tmp_path / "dump"), "configs/demo.yaml",
-                *tiny_overrides(synth_dir, tmp_path, "zero2", "train.distributed=deepspeed",
-                                "train.deepspeed_config=configs/deepspeed/zero2.json", "train.precision=bf16",
-                                "train.loss=meta", f"train.max_steps={max_steps}", "checkpoint.every_steps=2",
-                                "checkpoint.keep_last=2")]
+def test_zero2_bf16_two_ranks_meta_step_preempt_and_resume(synth_dir, tmp_path):
+    args = [str(SCRIPTS / "train_and_dump.py"), str(tmp_path / "dump"), "configs/demo.yaml",
+            *tiny_overrides(synth_dir, tmp_path, "zero2", "train.distributed=deepspeed",
+                            "train.deepspeed_config=configs/deepspeed/zero2.json", "train.precision=bf16",
+                            "train.loss=meta", "train.max_steps=7", "checkpoint.every_steps=2",
+                            "checkpoint.keep_last=2")]
 
-    torchrun(*args(4), timeout=600)
+    # SIGTERM on both ranks after step 2: they agree one step later and checkpoint step 3 (mid first epoch)
+    torchrun(*args, env={"METALOSS_TEST_FAULT": "term_after_step:2"}, timeout=600)
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["metrics"]["steps"] == 4 and r0["metrics"]["test"]["n"] > 0
+    assert r0["metrics"] == {"preempted": True, "step": 3}
     # the meta step ran (φ moved) and left φ, its Adam state and θ identical on both ranks
     assert any(not torch.equal(r0["phi"][k], r0["phi_start"][k]) for k in r0["phi"])
     assert all(torch.equal(r0["phi"][k], r1["phi"][k]) for k in r0["phi"])
     for pid, st in r0["phi_adam"]["state"].items():
         assert all(torch.equal(st[k], r1["phi_adam"]["state"][pid][k]) for k in ("step", "exp_avg", "exp_avg_sq"))
-        assert float(st["step"]) == 4
-    assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])
+        assert float(st["step"]) == 3
+    assert all(torch.equal(r0["model"][k], r1["model"][k]) for k in r0["model"])  # incl. BatchNorm buffers
     # DeepSpeed bf16 holds bf16 parameters (hence the input cast); φ stays fp32
     assert r0["model"]["fc.weight"].dtype == torch.bfloat16 and r0["phi"]["layers.0.weight"].dtype == torch.float32
     ckpts = list_checkpoints(tmp_path / "zero2")
-    assert [p.name for p in ckpts][:2] == ["step_00000004", "step_00000002"]
+    assert [p.name for p in ckpts] == ["step_00000003", "step_00000002"]
     assert (ckpts[0] / "pytorch_model").is_dir()  # the engine's own (ZeRO-partitioned) checkpoint
 
-    # resume through the engine's load_checkpoint and train two more steps
-    torchrun(*args(6), "--resume", "auto", timeout=600)
+    # resume through the engine's load_checkpoint and finish
+    torchrun(*args, "--resume", "auto", timeout=600)
     r0b, r1b = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0b["metrics"]["steps"] == 6
-    assert all(torch.equal(r0b["phi_start"][k], r0["phi"][k]) for k in r0["phi"])  # φ came back from step 4
+    assert all(torch.equal(r0b["phi_start"][k], r0["phi"][k]) for k in r0["phi"])  # φ came back from step 3
     assert all(torch.equal(r0b["model_start"][k], r0["model"][k]) for k in r0["model"])  # and θ with it
-    assert all(float(st["step"]) == 6 for st in r0b["phi_adam"]["state"].values())
+    assert r0b["metrics"]["steps"] == 7 and r0b["metrics"]["test"]["n"] > 0
+    assert [r["step"] for r in r0b["metrics"]["step_history"]] == list(range(1, 8))
+    assert all(float(st["step"]) == 7 for st in r0b["phi_adam"]["state"].values())
     assert all(torch.equal(r0b["phi"][k], r1b["phi"][k]) for k in r0b["phi"])
+    assert all(torch.equal(r0b["model"][k], r1b["model"][k]) for k in r0b["model"])

@@ -20,6 +20,7 @@ def _close(actual, expected):
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_applied_meta_gradient_is_the_mean_of_the_shard_gradients(synth_dir, tmp_path):
     torchrun(str(SCRIPTS / "meta_grad_mean.py"), str(tmp_path), str(synth_dir), str(STEPS))
     dumps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

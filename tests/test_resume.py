@@ -15,7 +15,7 @@ import pytest
 
 from conftest import tiny_overrides
 from dist_scripts.dist_helpers import (assert_same_tensors, checkpoint_tensors, comparable_metrics,
-                                       final_checkpoint, python)
+                                       final_checkpoint, python, torchrun)
 from trainer.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -46,6 +46,7 @@ def _assert_matches_reference(run_dir, reference):
     assert comparable_metrics(run_dir) == comparable_metrics(reference)
 
 
+@pytest.mark.distributed  # also tries (and must be refused) a 2-process resume of the 1-process checkpoint
 def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(synth_dir, tmp_path, reference):
     args = _args(synth_dir, tmp_path, "killed")
     proc = python(*args, env={"METALOSS_TEST_FAULT": "kill_after_step:14"}, check=False)
@@ -53,6 +54,13 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_identical(synth_dir, tmp_path,
     run_dir = tmp_path / "killed"
     assert _steps(run_dir) == [12, 10, 8]  # keep_last=3; step 12 is two steps into the second epoch
     assert not (run_dir / "metrics.json").exists()
+    # the position "2 batches into epoch 2" means other samples on 2 ranks: refused, naming the checkpoint
+    proc = torchrun(*args, "--resume", "auto", check=False)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("metaloss: error:")]
+    assert len(errors) == 2 and all("step_00000012 was written mid-epoch by 1 rank(s), this run has 2" in e
+                                    for e in errors)  # one line per rank, no worker traceback
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
     proc = python(*args, "--resume", "auto")
     assert "resumed from" in proc.stderr and "step_00000012" in proc.stderr
     _assert_matches_reference(run_dir, reference)

@@ -1,9 +1,9 @@
-"""Build the Accelerator (device, precision, process group backend, DDP or DeepSpeed ZeRO-1/2) and the one piece of
-cross-rank plumbing the loop needs besides it: agreeing on when to stop after a SIGTERM."""
+"""Build the Accelerator (device, precision, process group backend, DDP or DeepSpeed ZeRO-1/2), and the cross-rank
+plumbing the loop needs besides it: agreeing on when to stop after a SIGTERM, and keeping BatchNorm buffers right
+under DeepSpeed (which, unlike DDP, neither casts nor broadcasts them)."""
 from __future__ import annotations
 
 import json
-import logging
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -14,8 +14,6 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
 from .config import Config, ConfigError
-
-log = logging.getLogger(__name__)
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 

@@ -85,6 +85,7 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, befor
         raise CheckpointError(f"could not write checkpoint {tmp}: {e}; previous checkpoints are kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fsync_tree(tmp)  # the data must be on disk before the marker and the rename say it is complete
         (tmp / MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}))
         _fsync_dir(tmp)
         if before_rename is not None:  # test hook: lets a test kill the process at this exact point
@@ -97,6 +98,23 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, befor
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` (written by any rank on this file system) and the directories holding them."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -124,6 +142,14 @@ def resolve_resume(run_dir: Path, resume: str | None) -> list[Path]:
     if not (path / MARKER).is_file():
         raise CheckpointError(f"--resume {resume}: checkpoint is incomplete (no {MARKER} marker)")
     return [path]
+
+
+def written_by_ranks(path: Path) -> int | None:
+    """How many ranks wrote the checkpoint (from its marker); None for a marker without the field."""
+    try:
+        return int(json.loads((Path(path) / MARKER).read_text()).get("world_size"))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def load_latest(accelerator, candidates: list[Path]) -> Path | None:

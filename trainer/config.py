@@ -47,6 +47,10 @@ class DataConfig:
     rotate_deg: float = 10.0
     brightness: float = 0.10
     contrast: float = 0.10
+    # DALI sharding: "reader" = fn.readers.file(shard_id=rank, num_shards=world, random_shuffle=True), DALI's own
+    # shuffle, no per-epoch pipeline rebuild (fastest; mid-epoch resume approximate); "explicit" = per-epoch file lists
+    # drawn with the torch backend's permutation (exact resume, same order as the torch backend; one rebuild/epoch)
+    dali_sharding: str = "reader"
     # synthetic backend: images held in memory, for benchmarks
     synthetic_samples: int = 256
 
@@ -163,6 +167,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "aptos", "eyepacs", "csv", "ddr", "idrid", "messidor2", "prepared"),
     "data.backend": ("auto", "dali", "torch", "synthetic"),
+    "data.dali_sharding": ("reader", "explicit"),
     "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step"),

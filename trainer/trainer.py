@@ -17,7 +17,8 @@ from data_pipeline.records import class_names
 from data_pipeline.streams import build_streams
 
 from .accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
-from .checkpoint import CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint
+from .checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
+                         written_by_ranks)
 from .config import Config
 from .evaluation import Predictions, evaluate
 from .losses import build_loss
@@ -74,15 +75,20 @@ class Trainer:
         self.input_dtype = torch.bfloat16 if (cfg.train.distributed == "deepspeed"
                                               and cfg.train.precision == "bf16") else None
         self.state = TrainState(world_size=acc.num_processes)
-        for obj in (self.state, self.streams.train, self.streams.meta) + ((self.reweighter,) if self.reweighter else ()):
-            acc.register_for_checkpointing(obj)
+        # saved by rank 0 only: each of these is the same on every rank (φ by the invariant, positions by design)
+        for obj in (self.state, self.streams.train, self.streams.meta, self.reweighter):
+            if obj is not None:
+                acc.register_for_checkpointing(obj)
         # `runner` keeps the fault counters; `step_runner` is what the loop calls (tests may wrap it)
         self.runner = self.step_runner = StepRunner(
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loss_fn=self.loss_fn,
             reweighter=self.reweighter, meta_stream=self.streams.meta, accelerator=acc, cfg=cfg,
             input_dtype=self.input_dtype)
         self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet)
-        self.resumed_from = load_latest(acc, resolve_resume(self.run_dir, resume))
+        candidates = resolve_resume(self.run_dir, resume)
+        if cfg.train.distributed == "deepspeed":
+            self._refuse_other_world(candidates)
+        self.resumed_from = load_latest(acc, candidates)
         if self.resumed_from is not None:
             self._check_resumed_world()
             self.runner.restore_counters(bad_steps=self.state.bad_steps)
@@ -92,14 +98,20 @@ class Trainer:
         self._stopping = False
         self._last_checkpoint_step = self.state.step if self.resumed_from is not None else -1
 
+    def _refuse_other_world(self, candidates) -> None:
+        """DeepSpeed writes one ZeRO partition per rank: say so before the engine fails on a missing file."""
+        now = self.accelerator.num_processes
+        for path in candidates[:1]:
+            saved = written_by_ranks(path)
+            if saved is not None and saved != now:
+                raise CheckpointError(f"{path} was written by {saved} rank(s), this run has {now}: DeepSpeed ZeRO "
+                                      "checkpoints are partitioned per rank; resume with the same number of ranks")
+
     def _check_resumed_world(self) -> None:
         """Stream positions count batches of a per-rank shard: they only mean the same thing with the same ranks."""
         saved, now = self.state.world_size, self.accelerator.num_processes
         if saved == now:
             return
-        if self.cfg.train.distributed == "deepspeed":
-            raise CheckpointError(f"{self.resumed_from} was written by {saved} rank(s), this run has {now}: DeepSpeed "
-                                  "ZeRO checkpoints are partitioned per rank; resume with the same number of ranks")
         if self.streams.train.state_dict().get("consumed", 0):
             raise CheckpointError(f"{self.resumed_from} was written mid-epoch by {saved} rank(s), this run has {now}: "
                                   "the data position cannot be mapped onto the new shards; resume with the same "
@@ -110,28 +122,28 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        cfg, st = self.cfg, self.state
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        clean = False
         try:
-            if st.step == 0:
-                self.logger.start(self.streams, self.splits)
-            while st.epoch < cfg.train.epochs and not self._done():
-                completed = self._train_epoch()
-                if self._stopping:
-                    result = self._preempted()
-                    clean = True
-                    return result
-                if completed or self._done():
-                    self._end_epoch()
-            result = self._finish()
-            clean = True
+            result = self._run()
+            # every rank got here at the same step: finish the last stop all-reduce (skipped after an error, when
+            # the other ranks may be gone)
+            self.stop.close()
             return result
         finally:
             signal.signal(signal.SIGTERM, previous)
-            if clean:  # after an error the other ranks may be gone: do not wait on them
-                self.stop.close()
             self.logger.close()
+
+    def _run(self) -> dict:
+        cfg, st = self.cfg, self.state
+        if st.step == 0:
+            self.logger.start(self.streams, self.splits)
+        while st.epoch < cfg.train.epochs and not self._done():
+            completed = self._train_epoch()
+            if self._stopping:
+                return self._preempted()
+            if completed or self._done():
+                self._end_epoch()
+        return self._finish()
 
     def _done(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.state.step >= self.cfg.train.max_steps
@@ -179,7 +191,13 @@ class Trainer:
     def _flush_logs(self) -> None:
         self._sync_logs()
         st = self.state
-        if int(self.runner.max_consecutive_bad) >= self.cfg.train.max_bad_steps:
+        worst = self.runner.max_consecutive_bad
+        if self.accelerator.num_processes > 1:
+            # a bad batch may be bad on one rank only (the loss is rank-local): stop on every rank or on none, or
+            # the stopping rank's checkpoint collective would wait for ranks that went on training
+            worst = worst.clone()
+            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+        if int(worst) >= self.cfg.train.max_bad_steps:
             # skipped steps never touched the weights, so the current state *is* the last good one
             self._checkpoint()
             raise TrainingStopped(f"{self.cfg.train.max_bad_steps} consecutive steps had a non-finite loss or "
