@@ -376,9 +376,6 @@ def build_dali_streams(cfg, splits: dict[str, list[Record]], rank: int, world: i
     train_cls, meta_cls = ((DaliReaderTrainStream, DaliReaderMetaStream) if sharding == "reader"
                            else (DaliTrainStream, DaliMetaStream))
     train = train_cls(splits["train"], train_spec, rank, world, seed)
-    if len(train) == 0:
-        raise DataError(f"train split has {len(splits['train'])} images: fewer than one batch of "
-                        f"{cfg.train.batch_size} per rank on {world} rank(s); lower train.batch_size")
     return Streams(
         train=train,
         meta=meta_cls(splits["meta"], meta_spec, rank, world, seed + int(cfg.meta.seed_offset)),

@@ -4,8 +4,11 @@ Contract shared by every backend (``torch``, ``dali``, ``synthetic``) -- the tra
 
 * ``streams.train``: iterable over ONE epoch of this rank's shard, yielding :class:`Batch`; ``len()`` = batches per
   epoch on this rank (the same on every rank, last partial batch dropped, so DDP ranks never wait on each other);
-  ``set_epoch(e)`` re-seeds the shuffle (seed + epoch) so every rank draws a disjoint shard of the same permutation.
-  ``state_dict()/load_state_dict()`` hold (epoch, batches already consumed) for exact resume.
+  ``set_epoch(e)`` starts epoch e. ``state_dict()/load_state_dict()`` hold (epoch, batches already consumed).
+  torch, synthetic and DALI ``explicit`` sharding draw the epoch's permutation from (seed, epoch), so a resumed run
+  sees exactly the samples (and, torch: the augmentations) it would have; DALI ``reader`` sharding (the default,
+  no pipeline rebuilds) shuffles inside DALI, so a mid-epoch resume skips the right number of batches but in
+  DALI's seeded order, not the interrupted run's.
 * ``streams.meta``: an endless iterator (``next(streams.meta)``) over this rank's shard of the meta split, with its
   own seed; it re-shuffles after each pass and never raises StopIteration. ``state_dict()/load_state_dict()``.
 * ``streams.eval[split]`` for split in ("meta", "test"): finite, unaugmented, yields :class:`Batch` whose ``ids``
@@ -23,7 +26,7 @@ from typing import Any, Iterator, Protocol
 
 import torch
 
-from .records import Record
+from .records import DataError, Record
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +108,9 @@ def build_streams(cfg, splits: dict[str, list[Record]], rank: int = 0, world: in
         streams = build_synthetic_streams(cfg, splits, rank, world, device=device)
     else:  # config validation already refuses other names
         raise ValueError(f"unknown data.backend {backend!r}")
+    if len(streams.train) == 0:
+        raise DataError(f"train split has {len(splits['train'])} images: fewer than one batch of "
+                        f"{cfg.train.batch_size} per rank on {world} rank(s); lower train.batch_size")
     streams.backend = backend
     streams.class_counts = counts
     return streams

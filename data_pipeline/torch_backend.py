@@ -190,9 +190,6 @@ def build_torch_streams(cfg, splits: dict[str, list[Record]], rank: int, world: 
     seed = cfg.train.seed
     meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
     train = TorchTrainStream(splits["train"], cfg, rank, world, seed)
-    if len(train) == 0:
-        raise DataError(f"train split has {len(splits['train'])} images: fewer than one batch of "
-                        f"{cfg.train.batch_size} per rank on {world} rank(s); lower train.batch_size")
     return Streams(
         train=train,
         meta=TorchMetaStream(splits["meta"], cfg, rank, world, seed + cfg.meta.seed_offset, meta_bs),

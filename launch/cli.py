@@ -38,11 +38,13 @@ def _prepare(args, *, debug=False):
 
 @user_errors_exit
 def _report(args, *, debug=False):
-    from trainer.report import load_run, table_one_markdown, write_report
+    from trainer.report import load_run, table_one_markdown, table_two_markdown, write_report
 
     runs = [Path(r) for r in args.runs]
     out = write_report(runs, Path(args.out) if args.out else None, n_boot=args.n_boot)
-    print(table_one_markdown([load_run(r) for r in runs]))
+    loaded = [load_run(r) for r in runs]
+    print("Table I (test split)\n" + table_one_markdown(loaded))
+    print("\nTable II (per-class recall)\n" + table_two_markdown(loaded))
     print(f"\nreport: {out}")
 
 

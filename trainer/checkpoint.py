@@ -87,13 +87,13 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, befor
     if accelerator.is_main_process:
         _fsync_tree(tmp)  # the data must be on disk before the marker and the rename say it is complete
         (tmp / MARKER).write_text(json.dumps({"step": step, "world_size": accelerator.num_processes}))
-        _fsync_dir(tmp)
+        _fsync_path(tmp)
         if before_rename is not None:  # test hook: lets a test kill the process at this exact point
             before_rename(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync_path(root)
         for old in list_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
@@ -104,20 +104,12 @@ def _fsync_tree(root: Path) -> None:
     """fsync every file under ``root`` (written by any rank on this file system) and the directories holding them."""
     for dirpath, _, files in os.walk(root):
         for name in files:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            _fsync_path(Path(dirpath) / name)
+        _fsync_path(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_path(path: Path) -> None:
+    """Best effort: some file systems (and directories on some OSes) refuse fsync; that must not fail a save."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

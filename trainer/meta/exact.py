@@ -45,6 +45,7 @@ activations then have a fixed scale, which matters under fp16 autocast where a r
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -56,6 +57,10 @@ from trainer.meta.lookahead import (AutocastFactory, VirtualLossScale, apply_pre
                                     forward_with, frozen_batchnorm, per_sample_ce, preconditioner, sgd_lookahead,
                                     trainable_params)
 from trainer.meta.net import Weighting
+
+# forward_ad's first make_dual loads torch's own JIT-scripted decompositions, which warn about torch.jit.script's
+# deprecation on every run; that is torch talking to itself, not something a user can act on
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
 
 
 def _unit_direction(v: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
