@@ -91,3 +91,30 @@ def test_unreadable_images_are_named_before_training(synth_dir, tmp_path):
     with open(tmp_path / "runs" / "hdr_skip" / "splits.csv") as f:
         listed = {r["source_id"] for r in csv.DictReader(f)}
     assert not {v.stem for v in victims} & listed
+
+
+def test_tensorboard_events_of_a_meta_run(synth_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_cli("-m", "launch.train", "configs/demo.yaml",
+            *tiny_overrides(synth_dir, tmp_path, "tb", "train.loss=meta", "meta.granularity=class",
+                            "train.max_steps=6", "train.epochs=3"), "--quiet")
+    m = json.loads((tmp_path / "tb" / "metrics.json").read_text())
+    acc = EventAccumulator(str(tmp_path / "tb" / "tb"), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/weighted_loss", "meta/loss", "meta/weight_mean", "meta/weight_std",
+                "meta/weight_min", "meta/weight_max", "lr/classifier", "lr/meta", "perf/img_per_s",
+                "perf/data_wait_frac", "faults/bad_steps"):
+        # every_steps=2 over 6 steps: steps 2, 4, 6 (epoch ends flush the same steps, never twice)
+        assert [e.step for e in acc.Scalars(tag)] == [2, 4, 6], tag
+    epochs = len(m["history"])
+    for tag in ("val/accuracy", "val/macro_f1", "val/weighted_f1", "val/qwk", "val/recall/3_severe",
+                "val/f1/4_proliferative"):
+        assert len(acc.Scalars(tag)) == epochs, tag
+    assert [e.value for e in acc.Scalars("val/accuracy")] == pytest.approx([h["val"]["accuracy"]
+                                                                            for h in m["history"]])
+    assert acc.Scalars("test/accuracy")[0].value == pytest.approx(m["test"]["accuracy"])
+    assert "meta/weights" in tags["histograms"] and "meta/class_weights/0_none" in tags["histograms"]
+    assert {"train/images", "val/confusion", "test/confusion"} <= set(tags["images"])
+    assert "config/text_summary" in tags["tensors"]

@@ -39,6 +39,7 @@ class RunLogger:
         self.show_progress = self.is_main and cfg.logging.progress and not quiet and sys.stderr.isatty()
         self.buffer = DeviceScalarBuffer()
         self.weights: list[torch.Tensor] = []  # the last interval's meta weights, for the histogram
+        self.weight_labels: list[torch.Tensor] = []
         self.steps: list[int] = []
         self.stat_steps: dict[str, list[int]] = {}  # which steps each buffered statistic came from
         self.wait_s = self.step_s = 0.0
@@ -77,7 +78,7 @@ class RunLogger:
     def first_batch(self, images: torch.Tensor) -> None:
         """One augmented training batch, as the network sees it (de-normalised by the TB logger)."""
         if self.tb.active and self.cfg.logging.log_images:
-            self.tb.image_grid("train/augmented_batch", images[:32].float().cpu(), 0)
+            self.tb.image_grid("train/images", images[:32].float().cpu(), 0)
 
     # --- per step (no sync) ---------------------------------------------------------------------------------------
     def step(self, step: int, out, *, wait_s: float, step_s: float, lrs: dict[str, float]) -> None:
@@ -88,6 +89,7 @@ class RunLogger:
                 self.stat_steps.setdefault(key, []).append(step)
         if out.weights is not None:
             self.weights.append(out.weights)
+            self.weight_labels.append(out.labels)
         self.wait_s += wait_s
         self.step_s += step_s
         self.images += self.cfg.train.batch_size * self.acc.num_processes
@@ -119,7 +121,8 @@ class RunLogger:
             got = [r[k] for r in rows if k in r]
             if got:
                 scalars[{"meta_loss": "meta/loss"}.get(k, f"meta/weight_{k[2:]}")] = float(np.mean(got))
-        scalars["faults/bad_steps"] = float(sum(r.get("bad_step", 0) for r in rows))
+        # cumulative: state.bad_steps is the total up to the previous interval (the trainer updates it after this)
+        scalars["faults/bad_steps"] = float(state.bad_steps + sum(r.get("bad_step", 0) for r in rows))
         scalars["perf/img_per_s"] = img_s
         scalars["perf/data_wait_frac"] = self.wait_s / max(self.wait_s + self.step_s, 1e-9)
         if self.acc.device.type == "cuda":
@@ -127,17 +130,27 @@ class RunLogger:
         scalars.update(self.lrs)
         self.tb.scalars(last, scalars)
         if self.weights:
-            w = torch.cat(self.weights).float().cpu()
-            w = w[torch.isfinite(w)]  # a skipped (non-finite) step's weights are not a distribution
-            if w.numel():
-                self.tb.histogram("meta/weights", w, last)
+            self._weight_histograms(last)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{img_s:.0f}")
         state.train_seconds += elapsed
-        self.steps, self.weights, self.stat_steps = [], [], {}
+        self.steps, self.weights, self.weight_labels, self.stat_steps = [], [], [], {}
         self.wait_s = self.step_s = 0.0
         self.images = 0
         self.t_interval = time.perf_counter()
+
+    def _weight_histograms(self, step: int) -> None:
+        w = torch.cat(self.weights).float().cpu()
+        y = torch.cat(self.weight_labels).cpu()
+        keep = torch.isfinite(w)  # a skipped (non-finite) step's weights are not a distribution
+        w, y = w[keep], y[keep]
+        if not w.numel():
+            return
+        self.tb.histogram("meta/weights", w, step)
+        if self.cfg.meta.granularity == "class":
+            for k, name in enumerate(self.class_names):
+                if (y == k).any():
+                    self.tb.histogram(f"meta/class_weights/{name}", w[y == k], step)
 
     def _check_collapse(self, rows: list[dict]) -> None:
         """A sigmoid meta-net that saturates stops reweighting: all weights < 1e-3 (the loss vanishes) or > 1-1e-3."""

@@ -15,6 +15,7 @@ import torch
 class StepOutput:
     stats: dict[str, torch.Tensor]   # 0-dim device tensors, drained at logging intervals
     weights: torch.Tensor | None     # the real step's per-sample weights (meta runs), detached
+    labels: torch.Tensor | None = None  # the batch's labels, for per-class weight histograms
 
 
 def grads_finite(params) -> torch.Tensor:
@@ -103,4 +104,4 @@ class StepRunner:
         self.consecutive_bad = (self.consecutive_bad + 1) * bad
         self.max_consecutive_bad = torch.maximum(self.max_consecutive_bad, self.consecutive_bad)
         stats["bad_step"] = bad
-        return StepOutput(stats=stats, weights=weights)
+        return StepOutput(stats=stats, weights=weights, labels=y if weights is not None else None)
