@@ -217,3 +217,19 @@ def test_buffer_add_never_syncs_and_drain_syncs_once_per_name(monkeypatch):
     out = buf.drain()
     assert out["a"] == [float(i) for i in range(10)] and out["b"] == [float(-i) for i in range(10)]
     assert sorted(calls) == [(10,), (10,)]  # one stacked transfer per name, not one per value
+
+
+def test_buffer_drain_applies_the_reduction_once_per_name_before_the_copy():
+    buf = DeviceScalarBuffer()
+    for v in (1.0, 2.0, 3.0):
+        buf.add("loss", torch.tensor(v))
+    buf.add("w", torch.tensor(0.5))
+    calls = []
+
+    def fake_all_reduce_mean(stacked):  # what the trainer passes: one collective over the stacked values
+        calls.append(tuple(stacked.shape))
+        return stacked * 10
+
+    out = buf.drain(reduce=fake_all_reduce_mean)
+    assert out == {"loss": [10.0, 20.0, 30.0], "w": [5.0]}
+    assert calls == [(3,), (1,)]

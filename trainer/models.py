@@ -88,7 +88,11 @@ def build_model(cfg) -> nn.Module:
             state = _load_state_dict_file(Path(cfg.pretrained).expanduser())
         # the ImageNet head has 1000 outputs; ours has K, so it is always re-initialised
         state = {kk: v for kk, v in state.items() if not kk.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches (e.g. resnet50 weights for a resnet18) raise, not report
+            first = str(e).split("\n")[1].strip() if "\n" in str(e) else str(e)
+            raise ModelError(f"model.pretrained: {cfg.pretrained} does not fit {cfg.arch}: {first}") from None
         missing = [m for m in missing if not m.startswith("fc.")]
         if missing or unexpected:
             raise ModelError(
