@@ -74,11 +74,24 @@ def shard_indices(n: int, rank: int, world: int, *, pad: bool) -> list[int]:
 
 
 def resolve_backend(cfg) -> str:
-    """auto -> dali for a prepared dir when nvidia.dali imports; torch otherwise (raw layouts decode slowly)."""
+    """auto -> dali for a prepared dir when nvidia.dali imports; torch otherwise (raw layouts decode slowly).
+
+    DALI reads prepared dirs only: raw APTOS PNGs are multi-megabyte and some raw sets hold files DALI cannot
+    decode (16-bit, CMYK) -- `metaloss prepare` converts or quarantines those once.
+    """
     backend = cfg.data.backend
+    fmt = cfg.data.format
+    if fmt == "auto" and cfg.data.root and backend in ("auto", "dali"):
+        from .readers import detect_format
+
+        fmt = detect_format(cfg.data.root)
+    if backend == "dali" and fmt not in ("prepared", "auto"):
+        raise DataError(f"data.backend=dali reads prepared dirs only, but data.root={cfg.data.root!r} is a raw "
+                        f"{fmt} layout: run `metaloss prepare --dataset {fmt} --src {cfg.data.root} --out DIR` "
+                        "and train on DIR, or use data.backend=torch")
     if backend != "auto":
         return backend
-    if cfg.data.format == "prepared":
+    if fmt == "prepared":
         try:
             import nvidia.dali  # noqa: F401
             return "dali"
@@ -95,7 +108,7 @@ def build_streams(cfg, splits: dict[str, list[Record]], rank: int = 0, world: in
     for r in splits["train"]:
         counts[r.label] += 1
     if backend == "torch":
-        if cfg.data.format not in ("prepared",) and cfg.data.format != "auto":
+        if cfg.data.format not in ("prepared", "auto"):
             log.warning("training from a raw %s layout: every epoch decodes the full-size originals on the CPU; "
                         "run `metaloss prepare` once for a 10-100x faster loader", cfg.data.format)
         from .torch_backend import build_torch_streams

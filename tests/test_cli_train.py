@@ -118,3 +118,24 @@ def test_tensorboard_events_of_a_meta_run(synth_dir, tmp_path):
     assert "meta/weights" in tags["histograms"] and "meta/class_weights/0_none" in tags["histograms"]
     assert {"train/images", "val/confusion", "test/confusion"} <= set(tags["images"])
     assert "config/text_summary" in tags["tensors"]
+
+
+def test_dali_on_a_raw_layout_is_refused_with_the_prepare_command(synth_dir, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml",
+                   *tiny_overrides(synth_dir, tmp_path, "rawdali", "data.backend=dali"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "metaloss prepare --dataset aptos" in proc.stderr
+
+
+def test_auto_backend_picks_dali_for_a_prepared_dir(synth_dir, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from data_pipeline.streams import resolve_backend
+    from trainer.config import config_from_dict
+
+    prepared = tmp_path / "prepared"
+    run_cli("-m", "launch.cli", "prepare", "--dataset", "aptos", "--src", str(synth_dir), "--out", str(prepared),
+            "--size", "48", "--workers", "1", "--quiet")
+    cfg = config_from_dict({"data": {"root": str(prepared)}})  # format and backend left on auto
+    assert resolve_backend(cfg) == "dali"
+    assert resolve_backend(config_from_dict({"data": {"root": str(synth_dir)}})) == "torch"
