@@ -31,8 +31,10 @@ def bench_train(argv: list[str]) -> dict:
     from trainer.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        defaults = ["data.backend=synthetic", "data.root=", "checkpoint.enabled=false", "logging.tensorboard=false",
-                    f"run.out_dir={tmp}", "run.name=bench", "train.epochs=1"]
+        # one long epoch (4096 synthetic samples) cut by max_steps: the timing is not diluted by per-epoch evals
+        defaults = ["data.backend=synthetic", "data.root=", "data.synthetic_samples=4096", "checkpoint.enabled=false",
+                    "logging.tensorboard=false", f"run.out_dir={tmp}", "run.name=bench", "train.epochs=1",
+                    "train.max_steps=50"]
         cfg = load_config(args.config, defaults + args.overrides)
         trainer = Trainer(cfg, quiet=True)
         t0 = time.perf_counter()
