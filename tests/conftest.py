@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytest_plugins = ("dali_fixtures",)  # the `records` fixture of the DALI tests
 # keep each test process from grabbing every core: the suite runs on 2-core CI machines
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
