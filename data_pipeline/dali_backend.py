@@ -359,7 +359,7 @@ def build_dali_streams(cfg, splits: dict[str, list[Record]], rank: int, world: i
     try:
         import nvidia.dali  # noqa: F401
     except ImportError as e:
-        raise ImportError("data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
+        raise DataError("data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
                           f"or set data.backend=torch ({e})") from None
     device_id = resolve_device_id(cfg, device)
     size, threads = int(cfg.data.image_size), int(cfg.data.num_workers)

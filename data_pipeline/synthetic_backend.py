@@ -23,11 +23,13 @@ def _tensors(records: list[Record], size: int, seed: int, device) -> tuple[torch
 class _Shard:
     def __init__(self, records, size, seed, rank, world, device, *, pad: bool):
         self.images, self.labels = _tensors(records, size, seed, device)
-        self.idx = torch.tensor(shard_indices(len(records), rank, world, pad=pad), dtype=torch.int64)
+        # indices live on the device with the images: a per-batch host->device copy would sync every step
+        self.idx = torch.tensor(shard_indices(len(records), rank, world, pad=pad), dtype=torch.int64,
+                                device=self.images.device)
 
     def batch(self, positions: torch.Tensor) -> Batch:
         ids = self.idx[positions]
-        safe = ids.clamp(min=0).to(self.images.device)
+        safe = ids.clamp(min=0)
         return Batch(self.images[safe], self.labels[safe], ids)
 
 
@@ -45,7 +47,7 @@ class SyntheticTrainStream:
 
     def __iter__(self) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.shard.idx), generator=g)
+        order = torch.randperm(len(self.shard.idx), generator=g).to(self.shard.idx.device)  # once per epoch
         for b in range(self.consumed, len(self)):
             self.consumed = b + 1
             yield self.shard.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
@@ -97,7 +99,8 @@ class SyntheticEvalStream:
     def __iter__(self) -> Iterator[Batch]:
         for b in range(len(self)):
             yield self.shard.batch(torch.arange(b * self.batch_size, min((b + 1) * self.batch_size,
-                                                                          len(self.shard.idx))))
+                                                                          len(self.shard.idx)),
+                                                device=self.shard.idx.device))
 
 
 def build_synthetic_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int,

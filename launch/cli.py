@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # the same parser as `python -m launch.train`, which allows options between the key=value overrides
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     args.fn(args, debug=args.debug)

@@ -20,6 +20,7 @@ _USER_ERROR_CLASSES = (
     ("trainer.checkpoint", "CheckpointError"),
     ("trainer.report", "ReportInputError"),
     ("trainer.trainer", "TrainingStopped"),
+    ("trainer.losses", "LossError"),
 )
 # OSErrors about the machine, not the program: the user fixes them (free space, permissions), a traceback won't help
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -63,10 +63,12 @@ def test_existing_run_dir_is_not_overwritten(synth_dir, tmp_path):
 @pytest.mark.parametrize("override,needle", [
     ("train.epochz=1", "'train.epochz'"),
     ("data.root=/nonexistent/dir", "/nonexistent/dir"),
+    ("train.loss=focal loss.focal_gamma=-1", "focal_gamma"),
+    ("train.loss=meta meta.lr=0", "'meta.lr'"),
 ])
 def test_user_errors_are_one_line_exit_2(synth_dir, tmp_path, override, needle):
-    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *tiny_overrides(synth_dir, tmp_path, "err"), override,
-                   check=False)
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *tiny_overrides(synth_dir, tmp_path, "err"),
+                   *override.split(), check=False)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
 
@@ -139,3 +141,19 @@ def test_auto_backend_picks_dali_for_a_prepared_dir(synth_dir, tmp_path):
     cfg = config_from_dict({"data": {"root": str(prepared)}})  # format and backend left on auto
     assert resolve_backend(cfg) == "dali"
     assert resolve_backend(config_from_dict({"data": {"root": str(synth_dir)}})) == "torch"
+
+
+def test_metaloss_train_takes_options_between_overrides(synth_dir, tmp_path):
+    over = tiny_overrides(synth_dir, tmp_path, "mixed", "train.max_steps=2")
+    run_cli("-m", "launch.cli", "train", "configs/demo.yaml", *over[:3], "--quiet", *over[3:], "--overwrite")
+    assert json.loads((tmp_path / "mixed" / "metrics.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_with_the_meta_step(synth_dir, tmp_path):
+    run_cli("-m", "launch.train", "configs/demo.yaml",
+            *tiny_overrides(synth_dir, tmp_path, "compiled", "model.compile=true", "train.loss=meta",
+                            "train.max_steps=3", "train.epochs=1"), "--quiet")
+    m = json.loads((tmp_path / "compiled" / "metrics.json").read_text())
+    assert m["steps"] == 3 and m["test"]["n"] > 0
+    assert all(r["meta_loss"] is not None for r in m["step_history"])

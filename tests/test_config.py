@@ -36,6 +36,7 @@ def test_yaml_then_overrides(tmp_path):
     ({"data": {"split_fractions": "abc"}}, "data.split_fractions"),
     ({"model": "resnet50"}, "model"),
     ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"checkpoint": {"keep_last": 0}}, "checkpoint.keep_last"),  # 0 would delete the checkpoint just written
 ])
 def test_errors_name_the_key(data, key):
     with pytest.raises(ConfigError) as e:

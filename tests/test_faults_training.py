@@ -48,10 +48,10 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("loss", ["ce", "meta"])
-def test_nan_batch_skips_the_step(synth_dir, tmp_path, loss):
-    t = _trainer(synth_dir, tmp_path, f"nan_{loss}", f"train.loss={loss}", "train.max_steps=5",
-                 "checkpoint.enabled=false")
+@pytest.mark.parametrize("loss,optim", [("ce", "adam"), ("meta", "adam"), ("ce", "sgd"), ("ce", "adamw")])
+def test_nan_batch_skips_the_step(synth_dir, tmp_path, loss, optim):
+    t = _trainer(synth_dir, tmp_path, f"nan_{loss}_{optim}", f"train.loss={loss}", f"optim.name={optim}",
+                 "train.max_steps=5", "checkpoint.enabled=false")
     t.streams.train = PoisonedStream(t.streams.train, t, bad_steps={2, 3})
     seen = {}
     runner = t.step_runner

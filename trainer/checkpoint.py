@@ -90,9 +90,14 @@ def save_checkpoint(accelerator, run_dir: Path, step: int, keep_last: int, befor
         _fsync_path(tmp)
         if before_rename is not None:  # test hook: lets a test kill the process at this exact point
             before_rename(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # same step saved twice (epoch end on an every_steps boundary): keep it until replaced
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         _fsync_path(root)
         for old in list_checkpoints(run_dir)[keep_last:]:
             shutil.rmtree(old, ignore_errors=True)

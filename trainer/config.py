@@ -245,7 +245,7 @@ def _validate(cfg: Config) -> None:
     if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
         raise ConfigError(f"config key 'data.split_fractions': need 3 positive fractions summing to 1, got {fr}")
     for dotted in ("train.batch_size", "train.eval_batch_size", "data.image_size", "model.num_classes",
-                   "meta.every", "logging.every_steps"):
+                   "meta.every", "logging.every_steps", "checkpoint.keep_last", "train.max_bad_steps"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")

@@ -9,14 +9,15 @@ import torch
 def build_optimizer(cfg, params, *, fused: bool = False) -> torch.optim.Optimizer:
     """``cfg`` is an ``OptimConfig``.
 
-    fused=True picks the fused Adam kernels (CPU and CUDA): faster, and they read ``optimizer.found_inf`` so a
+    fused=True picks the fused Adam/AdamW/SGD kernels (CPU and CUDA): faster, and they read ``optimizer.found_inf`` so a
     non-finite step can be skipped on the device without a host sync (see steps.py).
     """
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     if cfg.name == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=fused or None)
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -75,6 +75,10 @@ class RunLogger:
         with tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) as bar:
             yield bar
 
+    def restart_clock(self) -> None:
+        """Training throughput counts training only: restart after evaluation, checkpoints and resume loading."""
+        self.t_interval = time.perf_counter()
+
     def first_batch(self, images: torch.Tensor) -> None:
         """One augmented training batch, as the network sees it (de-normalised by the TB logger)."""
         if self.tb.active and self.cfg.logging.log_images:

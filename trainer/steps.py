@@ -42,7 +42,6 @@ class StepRunner:
         # the torch optimiser under Accelerate's wrapper: the Adam look-ahead reads its state, the skip sets found_inf
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)
         self.device_skip = bool(getattr(self.raw_optimizer, "defaults", {}).get("fused"))
-        self.lookahead_lr = cfg.meta.lookahead_lr or cfg.optim.lr
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.max_consecutive_bad = torch.zeros_like(self.consecutive_bad)
         self.bad_steps = torch.zeros_like(self.consecutive_bad)
@@ -61,7 +60,9 @@ class StepRunner:
     def _meta_step(self, x, y) -> dict[str, torch.Tensor]:
         xm, ym = self._to_device(next(self.meta_stream))
         rw = self.reweighter
-        grads = rw.meta_gradient(self.unwrapped, (x, y), (xm, ym), self.lookahead_lr,
+        # α follows the classifier's live learning rate (warm-up, cosine, step) unless meta.lookahead_lr pins it
+        alpha = rw.lookahead_lr(self.scheduler.get_last_lr()[0])
+        grads = rw.meta_gradient(self.unwrapped, (x, y), (xm, ym), alpha,
                                  optimizer=self.raw_optimizer, autocast=self.accelerator.autocast,
                                  grad_scaler=self.accelerator.scaler)
         rw.update(grads)
@@ -88,9 +89,13 @@ class StepRunner:
             loss = plain
         stats["train_loss"] = plain.detach()
         self.accelerator.backward(loss)
-        if self.cfg.train.grad_clip > 0 and self.accelerator.sync_gradients:
+        if self.cfg.train.grad_clip > 0 and self.cfg.train.distributed != "deepspeed":
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        ok = torch.isfinite(loss.detach()) & grads_finite(self.unwrapped.parameters())
+        ok = torch.isfinite(loss.detach())
+        if self.accelerator.scaler is None:
+            # with an fp16 GradScaler, inf grads are its loss-scale calibration (it skips those steps itself);
+            # only a non-finite loss is a bad step then
+            ok = ok & grads_finite(self.unwrapped.parameters())
         if self.device_skip and self.accelerator.scaler is None:
             self.raw_optimizer.found_inf = (~ok).float()
         self.optimizer.step()

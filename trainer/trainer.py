@@ -53,14 +53,15 @@ class Trainer:
         model = build_model(cfg.model)
         if acc.device.type == "cuda" and cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        fused = cfg.train.distributed != "deepspeed" and cfg.optim.name in ("adam", "adamw")
+        fused = cfg.train.distributed != "deepspeed"  # fused kernels skip non-finite steps on the device
         optimizer = build_optimizer(cfg.optim, model.parameters(), fused=fused)
         self.steps_per_epoch = len(self.streams.train)
         self.total_steps = self.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         scheduler = build_scheduler(cfg.optim, optimizer, self.total_steps)
-        self.loss_fn = build_loss(cfg.train.loss, cfg.loss, self.streams.class_counts, cfg.train.epochs)
+        # class tables as device buffers: a CPU table would be copied (and the stream synced) every step
+        self.loss_fn = build_loss(cfg.train.loss, cfg.loss, self.streams.class_counts, cfg.train.epochs).to(acc.device)
         self.reweighter = None
         if cfg.train.loss == "meta":
             from .meta import MetaReweighter
@@ -72,6 +73,10 @@ class Trainer:
         # the real step goes through the wrapper (gradient all-reduce / ZeRO).
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         match_buffer_dtypes(acc.unwrap_model(self.model))  # DeepSpeed bf16 casts parameters, not BatchNorm buffers
+        if cfg.model.compile:
+            # the real step and evaluation run compiled; the meta step unwraps to the eager module (forward-mode AD
+            # and functional_call need it) -- both share the same parameters, so checkpoints are unaffected
+            self.model = torch.compile(self.model)
         self.input_dtype = torch.bfloat16 if (cfg.train.distributed == "deepspeed"
                                               and cfg.train.precision == "bf16") else None
         self.state = TrainState(world_size=acc.num_processes)
@@ -93,6 +98,7 @@ class Trainer:
             self._check_resumed_world()
             self.runner.restore_counters(bad_steps=self.state.bad_steps)
             log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
+        self.logger.restart_clock()  # building the streams and loading a checkpoint are not training time
         self.stop = StopAgreement(acc.num_processes)
         self.faults = FaultInjection.from_env(acc.process_index)
         self._stopping = False
@@ -112,7 +118,8 @@ class Trainer:
         saved, now = self.state.world_size, self.accelerator.num_processes
         if saved == now:
             return
-        if self.streams.train.state_dict().get("consumed", 0):
+        position = self.streams.train.state_dict()
+        if position.get("consumed", 0) and position.get("epoch") == self.state.epoch:
             raise CheckpointError(f"{self.resumed_from} was written mid-epoch by {saved} rank(s), this run has {now}: "
                                   "the data position cannot be mapped onto the new shards; resume with the same "
                                   "number of ranks or from an epoch-end checkpoint")
@@ -168,6 +175,7 @@ class Trainer:
                 self._flush_logs()
             if cfg.checkpoint.enabled and cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
                 self._checkpoint()
+                self.logger.restart_clock()
             self.faults.after_step(st.step)
             if self.stop.should_stop():  # every rank, every step: the ranks agree on the step they stop at
                 self._stopping = True
@@ -213,6 +221,7 @@ class Trainer:
         st.epoch += 1
         if self.cfg.checkpoint.enabled:
             self._checkpoint()
+        self.logger.restart_clock()
 
     def evaluate(self, split: str = "test") -> tuple[dict, Predictions]:
         """Metrics and gathered predictions of the current weights on ``split`` ("meta" or "test"), every rank."""

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from trainer.config import CHOICES, MetaConfig, config_from_dict
+from trainer.config import CHOICES, ConfigError, MetaConfig, config_from_dict
 from trainer.meta.exact import exact_meta_gradient
 from trainer.meta.head import head_meta_gradient
 from trainer.meta.lookahead import AutocastFactory, VirtualLossScale, unwrap_model
@@ -34,15 +34,15 @@ def _validate(cfg: MetaConfig, num_classes: int) -> None:
     for dotted, allowed in CHOICES.items():
         section, key = dotted.split(".")
         if section == "meta" and getattr(cfg, key) not in allowed:
-            raise ValueError(f"config key '{dotted}': {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"config key '{dotted}': {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
     if num_classes < 2:
-        raise ValueError(f"MetaReweighter: num_classes must be >= 2, got {num_classes}")
+        raise ConfigError(f"MetaReweighter: num_classes must be >= 2, got {num_classes}")
     if not cfg.hidden or any(h < 1 for h in cfg.hidden):
-        raise ValueError(f"config key 'meta.hidden': need positive layer sizes, got {cfg.hidden}")
+        raise ConfigError(f"config key 'meta.hidden': need positive layer sizes, got {cfg.hidden}")
     if cfg.lr <= 0:
-        raise ValueError(f"config key 'meta.lr': must be > 0, got {cfg.lr}")
+        raise ConfigError(f"config key 'meta.lr': must be > 0, got {cfg.lr}")
     if cfg.fd_eps <= 0:
-        raise ValueError(f"config key 'meta.fd_eps': must be > 0, got {cfg.fd_eps}")
+        raise ConfigError(f"config key 'meta.fd_eps': must be > 0, got {cfg.fd_eps}")
 
 
 def _distributed() -> bool:
