@@ -332,7 +332,6 @@ class DaliEvalStream:
 
     def __init__(self, records, spec: PipelineSpec, rank: int, world: int, split: str):
         table = _SplitTable(records)
-        self.num_samples = len(table)
         self.spec, self.split, self.rank = spec, split, rank
         self._idx = shard_indices(len(table), rank, world, pad=True) if len(table) else []
         self._files = table.files(self._idx)

@@ -22,13 +22,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .atomic import atomic_write_bytes, atomic_write_text
 from .image_ops import MIN_SIDE, encode_jpeg, prepare_image
 from .readers import read_dataset_report
 from .records import DataError, Record, class_names
@@ -51,23 +51,6 @@ def output_name(source_id: str) -> str:
 
 class PrepareAborted(RuntimeError):
     """The run cannot go on (a worker process died); finished images are kept and a re-run resumes."""
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + rename. An OSError is re-raised naming `path`: the ENOSPC of a full disk comes from f.write(),
-    which names no file, and the user needs to know which output could not be written."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
-        raise
 
 
 def _sha1_file(path: Path) -> str:
@@ -107,7 +90,7 @@ def process_one(task: dict) -> dict:
         img = prepare_image(task["src"], params["size"], ben=params["ben_graham"])
         data = encode_jpeg(img)
         try:
-            _atomic_write_bytes(out_path, data)
+            atomic_write_bytes(out_path, data)
         except OSError as e:  # the output's problem (disk full, read-only), not this image's: the run must stop
             result.update(status="write_failed", errno=e.errno, reason=e.strerror, out=str(out_path))
             return result
@@ -150,16 +133,12 @@ def _end_torn_line(path: Path) -> None:
         pass
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _write_manifest(out: Path, rows: list[tuple[str, int, str]]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["path", "label", "source_id"])
     w.writerows(rows)
-    _write_text_atomic(out / MANIFEST_FILE, buf.getvalue())
+    atomic_write_text(out / MANIFEST_FILE, buf.getvalue())
 
 
 def _run_tasks(tasks: list[dict], workers: int) -> Iterator[dict]:
@@ -256,9 +235,9 @@ def _finish(dataset, src, out: Path, records: list[Record], bad_rows, results: d
               "quarantined": reader_rejects + quarantined, "seconds": round(seconds, 3),
               "img_per_s": round(counts["written"] / seconds, 2) if seconds > 0 else 0.0,
               "workers": workers, "size": params["size"], "ben_graham": params["ben_graham"]}
-    _write_text_atomic(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
     # compact the resume record to exactly the images in the manifest (the append log only grows otherwise)
-    _write_text_atomic(out / STATE_FILE, "".join(line + "\n" for line in state_lines))
+    atomic_write_text(out / STATE_FILE, "".join(line + "\n" for line in state_lines))
     if not manifest:  # the report (with every reason) is on disk; an empty manifest would only fail later
         raise DataError(f"prepare {dataset} {src}: no image could be prepared; see {out / REPORT_FILE} "
                         f"(first reasons: {[q['reason'] for q in report['quarantined'][:3]]})")

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from .atomic import atomic_write
 from .readers import BadRow, format_bad_rows, parse_int, read_csv_table
 from .records import DataError, Record, class_names
 
@@ -91,18 +90,12 @@ def write_splits(path: str | Path, splits: dict[str, list[Record]]) -> None:
     """CSV `path,label,source_id,split`, written to a temp file and renamed so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["path", "label", "source_id", "split"])
-            for split in SPLITS:
-                for r in splits.get(split, []):
-                    w.writerow([r.path, r.label, r.source_id, split])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "label", "source_id", "split"])
+        for split in SPLITS:
+            for r in splits.get(split, []):
+                w.writerow([r.path, r.label, r.source_id, split])
 
 
 def read_splits(path: str | Path) -> dict[str, list[Record]]:

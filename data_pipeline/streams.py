@@ -51,7 +51,7 @@ class TrainStream(Protocol):
 
 @dataclass
 class Streams:
-    train: Any
+    train: TrainStream
     meta: Any
     eval: dict[str, Any] = field(default_factory=dict)
     backend: str = ""

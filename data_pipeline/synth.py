@@ -23,7 +23,6 @@ import hashlib
 import math
 import os
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from .atomic import atomic_write
 from .splits import allocate_largest_remainder
 
 # APTOS 2019 training-set grade counts (3,662 images); the synthetic set keeps these proportions.
@@ -202,14 +202,8 @@ def render_fundus(grade: int, size: int, rng: np.random.Generator) -> np.ndarray
 
 # ------------------------------------------------------------------------------------------------ writing
 def _atomic_write_png(array: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array, mode="RGB").save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as f:
+        Image.fromarray(array, mode="RGB").save(f, format="PNG")
 
 
 def _render_chunk(image_dir: str, size: int, seed: int, items: list[tuple[int, str, int]]) -> int:
@@ -221,16 +215,10 @@ def _render_chunk(image_dir: str, size: int, seed: int, items: list[tuple[int, s
 
 
 def _write_labels_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["id_code", "diagnosis"])
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["id_code", "diagnosis"])
+        w.writerows(rows)
 
 
 def generate_synthetic(out_dir: str | Path, n: int = 600, size: int = 256, seed: int = 0, workers: int | None = None,

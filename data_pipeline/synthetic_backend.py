@@ -91,7 +91,6 @@ class SyntheticEvalStream:
     def __init__(self, records, size, batch_size, seed, rank, world, device):
         self.shard = _Shard(records, size, seed, rank, world, device, pad=True)
         self.batch_size = batch_size
-        self.num_samples = len(records)
 
     def __len__(self) -> int:
         return -(-len(self.shard.idx) // self.batch_size)

@@ -177,7 +177,6 @@ class TorchEvalStream:
                                       shuffle=False, train=False)
         self.loader = _loader(RecordDataset(records, eval_transform(cfg.data.image_size), 0, augment=False),
                               sampler, cfg.data.num_workers)
-        self.num_samples = len(records)
 
     def __len__(self) -> int:
         return len(self.loader)

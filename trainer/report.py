@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -177,7 +177,6 @@ class RunResult:
     y_pred: np.ndarray
     probs: np.ndarray
     label: str = ""                    # "A: <name>" once runs are compared (set by `_as_runs`)
-    extras: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:

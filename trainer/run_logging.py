@@ -16,18 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.atomic import atomic_write, atomic_write_text
+
 from .config import config_to_dict
 from .tb_logging import DeviceScalarBuffer, TBLogger
 
 log = logging.getLogger(__name__)
 
 _STEP_KEYS = ("train_loss", "weighted_loss", "meta_loss", "w_mean", "w_std", "w_min", "w_max")
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 class RunLogger:
@@ -85,7 +81,7 @@ class RunLogger:
             self.tb.image_grid("train/images", images[:32].float().cpu(), 0)
 
     # --- per step (no sync) ---------------------------------------------------------------------------------------
-    def step(self, step: int, out, *, wait_s: float, step_s: float, lrs: dict[str, float]) -> None:
+    def step(self, step: int, out, *, wait_s: float, step_s: float) -> None:
         self.steps.append(step)
         for key in _STEP_KEYS + ("bad_step",):
             if key in out.stats:
@@ -97,14 +93,13 @@ class RunLogger:
         self.wait_s += wait_s
         self.step_s += step_s
         self.images += self.cfg.train.batch_size * self.acc.num_processes
-        self.lrs = lrs
         if self.bar is not None:
             self.bar.update(1)
 
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(stacked.float(), reduction="mean") if self.acc.num_processes > 1 else stacked
 
-    def flush_steps(self, state) -> None:
+    def flush_steps(self, state, lrs: dict[str, float]) -> None:
         """Logging interval: reduce across ranks, copy to host once, append to history, write TensorBoard."""
         if not self.steps:
             return
@@ -131,7 +126,7 @@ class RunLogger:
         scalars["perf/data_wait_frac"] = self.wait_s / max(self.wait_s + self.step_s, 1e-9)
         if self.acc.device.type == "cuda":
             scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        scalars.update(self.lrs)
+        scalars.update(lrs)
         self.tb.scalars(last, scalars)
         if self.weights:
             self._weight_histograms(last)
@@ -199,20 +194,17 @@ class RunLogger:
         }
         self.tb.eval_metrics("test", test, state.step)
         if self.is_main:
-            write_json_atomic(self.run_dir / "metrics.json", metrics)
+            atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))
             self._write_predictions(pred, test_records)
         return metrics
 
     def _write_predictions(self, pred, test_records) -> None:
-        path = self.run_dir / "predictions_test.csv"
-        tmp = path.with_name(path.name + ".tmp")
         k = pred.probs.shape[1] if pred.probs.ndim == 2 else self.cfg.model.num_classes
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.run_dir / "predictions_test.csv") as f:
             w = csv.writer(f)
             w.writerow(["source_id", "label", "pred"] + [f"prob_{i}" for i in range(k)])
             for i, y, p, probs in zip(pred.ids, pred.labels, pred.preds, pred.probs):
                 w.writerow([test_records[i].source_id, int(y), int(p)] + [f"{x:.6f}" for x in probs])
-        tmp.replace(path)
 
     def close(self) -> None:
         if self.bar is not None:

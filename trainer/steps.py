@@ -72,7 +72,7 @@ class StepRunner:
         x, y = self._to_device(batch)
         stats: dict[str, torch.Tensor] = {}
         rw = self.reweighter
-        if rw is not None and step % self.cfg.meta.every == 0:
+        if rw is not None and rw.is_meta_step(step):
             stats.update(self._meta_step(x, y))
         buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
         saved = [b.clone() for b in buffers] if self.device_skip else None  # BN stats: small, restored if bad

@@ -169,8 +169,7 @@ class Trainer:
             out = self.step_runner(batch, st.step)
             st.step += 1
             st.images_seen += batch.labels.shape[0] * self.accelerator.num_processes
-            self.logger.step(st.step, out, wait_s=t_got - t_wait, step_s=time.perf_counter() - t_got,
-                             lrs=self._lrs())
+            self.logger.step(st.step, out, wait_s=t_got - t_wait, step_s=time.perf_counter() - t_got)
             if st.step % cfg.logging.every_steps == 0:
                 self._flush_logs()
             if cfg.checkpoint.enabled and cfg.checkpoint.every_steps and st.step % cfg.checkpoint.every_steps == 0:
@@ -193,7 +192,7 @@ class Trainer:
 
     def _sync_logs(self) -> None:
         """Drain the per-step buffers into the state (the one place the hot loop syncs with the device)."""
-        self.logger.flush_steps(self.state)
+        self.logger.flush_steps(self.state, self._lrs())
         self.state.bad_steps = int(self.runner.bad_steps)
 
     def _flush_logs(self) -> None:
