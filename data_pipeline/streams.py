@@ -49,6 +49,37 @@ class TrainStream(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
+class EndlessStream:
+    """The meta stream over any epoch stream: each pass is the next epoch (re-shuffled by the inner stream's seed),
+    and StopIteration never reaches the trainer. Position = the inner stream's (epoch, consumed)."""
+
+    def __init__(self, epochs: TrainStream):
+        if len(epochs) == 0:  # would loop forever looking for a batch
+            raise DataError("the meta stream has no batch per pass (meta split smaller than one batch per rank)")
+        self.epochs = epochs
+        self._it: Iterator[Batch] | None = None
+
+    def __iter__(self) -> "EndlessStream":
+        return self
+
+    def __next__(self) -> Batch:
+        while True:
+            if self._it is None:
+                self._it = iter(self.epochs)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epochs.set_epoch(self.epochs.state_dict()["epoch"] + 1)
+
+    def state_dict(self) -> dict:
+        return self.epochs.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs.load_state_dict(state)
+        self._it = None
+
+
 @dataclass
 class Streams:
     train: TrainStream

@@ -10,7 +10,7 @@ from typing import Iterator
 import torch
 
 from .records import Record
-from .streams import Batch, Streams, shard_indices
+from .streams import Batch, EndlessStream, Streams, shard_indices
 
 
 def _tensors(records: list[Record], size: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,33 +60,6 @@ class SyntheticTrainStream:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
-class SyntheticMetaStream:
-    def __init__(self, records, size, batch_size, seed, rank, world, device):
-        self.train = SyntheticTrainStream(records, size, min(batch_size, max(1, len(records) // world)),
-                                          seed, rank, world, device)
-        self._it = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        while True:
-            if self._it is None:
-                self._it = iter(self.train)
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._it = None
-                self.train.set_epoch(self.train.epoch + 1)
-
-    def state_dict(self) -> dict:
-        return self.train.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.train.load_state_dict(state)
-        self._it = None
-
-
 class SyntheticEvalStream:
     def __init__(self, records, size, batch_size, seed, rank, world, device):
         self.shard = _Shard(records, size, seed, rank, world, device, pad=True)
@@ -107,9 +80,11 @@ def build_synthetic_streams(cfg, splits: dict[str, list[Record]], rank: int, wor
     device = device or torch.device("cpu")
     size, seed = cfg.data.image_size, cfg.train.seed
     meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
+    meta_shard = max(1, len(splits["meta"]) // world)  # a meta batch larger than the shard would never fill
     return Streams(
         train=SyntheticTrainStream(splits["train"], size, cfg.train.batch_size, seed, rank, world, device),
-        meta=SyntheticMetaStream(splits["meta"], size, meta_bs, seed + cfg.meta.seed_offset, rank, world, device),
+        meta=EndlessStream(SyntheticTrainStream(splits["meta"], size, min(meta_bs, meta_shard),
+                                                seed + cfg.meta.seed_offset, rank, world, device)),
         eval={s: SyntheticEvalStream(splits[s], size, cfg.train.eval_batch_size, seed + 7 + i, rank, world, device)
               for i, s in enumerate(("meta", "test"))},
     )

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .image_ops import ImageError, load_rgb as decode_rgb8
 from .records import DataError, Record
-from .streams import Batch, Streams, shard_indices
+from .streams import Batch, EndlessStream, Streams, shard_indices
 from .transforms import augment_kwargs, eval_transform, train_transform
 
 
@@ -101,11 +101,13 @@ def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) 
 
 
 class TorchTrainStream:
-    def __init__(self, records, cfg, rank, world, seed):
-        aug = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data))
-        self.sampler = ShardedBatchSampler(len(records), cfg.train.batch_size, rank, world, seed,
-                                           shuffle=True, train=True)
-        self.loader = _loader(RecordDataset(records, aug, seed, augment=True), self.sampler, cfg.data.num_workers)
+    """One epoch of this rank's shard per iteration; also the per-pass stream under the endless meta stream."""
+
+    def __init__(self, records, cfg, rank, world, seed, *, batch_size: int, augment: bool = True):
+        tf = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data)) if augment \
+            else eval_transform(cfg.data.image_size)
+        self.sampler = ShardedBatchSampler(len(records), batch_size, rank, world, seed, shuffle=True, train=True)
+        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, cfg.data.num_workers)
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -130,45 +132,13 @@ class TorchTrainStream:
         self.sampler.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
-class TorchMetaStream:
-    """Endless: each pass over the meta shard is a new epoch of the sampler (re-shuffled); never StopIteration."""
-
-    def __init__(self, records, cfg, rank, world, seed, batch_size):
-        aug = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data)) if cfg.data.meta_augment \
-            else eval_transform(cfg.data.image_size)
-        n_shard = len(records) // world
-        if n_shard == 0:
-            raise DataError(f"meta split has {len(records)} images, fewer than the {world} ranks")
-        # a meta batch larger than the shard would never fill: clamp rather than yield nothing forever
-        self.sampler = ShardedBatchSampler(len(records), min(batch_size, n_shard), rank, world, seed,
-                                           shuffle=True, train=True)
-        self.loader = _loader(RecordDataset(records, aug, seed, augment=cfg.data.meta_augment),
-                              self.sampler, cfg.data.num_workers)
-        self.consumed = 0
-        self._it = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        while True:
-            if self._it is None:
-                self.sampler.start_batch = self.consumed
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-                self.consumed += 1
-                return batch
-            except StopIteration:
-                self._it = None
-                self.sampler.epoch += 1
-                self.consumed = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.epoch, self.consumed, self._it = int(state["epoch"]), int(state["consumed"]), None
+def _meta_stream(records, cfg, rank, world, seed, batch_size) -> EndlessStream:
+    n_shard = len(records) // world
+    if n_shard == 0:
+        raise DataError(f"meta split has {len(records)} images, fewer than the {world} ranks")
+    # a meta batch larger than the shard would never fill: clamp rather than yield nothing forever
+    return EndlessStream(TorchTrainStream(records, cfg, rank, world, seed, batch_size=min(batch_size, n_shard),
+                                          augment=cfg.data.meta_augment))
 
 
 class TorchEvalStream:
@@ -188,9 +158,9 @@ class TorchEvalStream:
 def build_torch_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int) -> Streams:
     seed = cfg.train.seed
     meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
-    train = TorchTrainStream(splits["train"], cfg, rank, world, seed)
+    train = TorchTrainStream(splits["train"], cfg, rank, world, seed, batch_size=cfg.train.batch_size)
     return Streams(
         train=train,
-        meta=TorchMetaStream(splits["meta"], cfg, rank, world, seed + cfg.meta.seed_offset, meta_bs),
+        meta=_meta_stream(splits["meta"], cfg, rank, world, seed + cfg.meta.seed_offset, meta_bs),
         eval={s: TorchEvalStream(splits[s], cfg, rank, world) for s in ("meta", "test")},
     )

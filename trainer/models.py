@@ -97,7 +97,8 @@ def build_model(cfg) -> nn.Module:
         if missing or unexpected:
             raise ModelError(
                 f"model.pretrained: {cfg.pretrained} does not fit {cfg.arch}: "
-                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+                f"{len(missing)} missing keys (e.g. {missing[:3]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
         log.info("loaded pretrained %s backbone from %s", cfg.arch, cfg.pretrained)
     model.fc = nn.Linear(model.fc.in_features, k)
     return model
