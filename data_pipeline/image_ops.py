@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageFilter, ImageOps, UnidentifiedImageError
 
-from .records import DataError
+from data_pipeline.records import DataError
 
 # A truncated file must be refused, not silently padded with grey (Pillow's default is already False; pin it).
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -28,10 +28,10 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .image_ops import MIN_SIDE, encode_jpeg, prepare_image
-from .readers import read_dataset_report
-from .records import DataError, Record, class_names
+from common.atomic import atomic_write_bytes, atomic_write_text
+from data_pipeline.image_ops import MIN_SIDE, encode_jpeg, prepare_image
+from data_pipeline.readers import read_dataset_report
+from data_pipeline.records import DataError, Record, class_names
 
 STATE_FILE = "prepare_state.jsonl"
 MANIFEST_FILE = "manifest.csv"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .records import DataError, Record
+from data_pipeline.records import DataError, Record
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import atomic_write
-from .readers import BadRow, format_bad_rows, parse_int, read_csv_table
-from .records import DataError, Record, class_names
+from common.atomic import atomic_write
+from data_pipeline.readers import BadRow, format_bad_rows, parse_int, read_csv_table
+from data_pipeline.records import DataError, Record, class_names
 
 log = logging.getLogger(__name__)
 

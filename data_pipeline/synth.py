@@ -30,8 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from .atomic import atomic_write
-from .splits import allocate_largest_remainder
+from common.atomic import atomic_write
+from data_pipeline.splits import allocate_largest_remainder
 
 # APTOS 2019 training-set grade counts (3,662 images); the synthetic set keeps these proportions.
 APTOS_COUNTS = (1805, 370, 999, 193, 295)

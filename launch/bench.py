@@ -28,7 +28,7 @@ def bench_train(argv: list[str]) -> dict:
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     from trainer.config import load_config
-    from trainer.trainer import Trainer
+    from trainer.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         # one long epoch (4096 synthetic samples) cut by max_steps: the timing is not diluted by per-epoch evals
@@ -48,9 +48,9 @@ def bench_train(argv: list[str]) -> dict:
 
 def run_bench(args) -> None:
     if args.what == "meta":
-        from .bench_meta import main
+        from launch.bench_meta import main
     elif args.what == "data":
-        from .bench_data import main
+        from launch.bench_data import main
     else:
         main = bench_train
     main(args.rest)

@@ -121,10 +121,10 @@ def bench_backends(prepared: Path, *, image_size: int = 224, threads: int = 2, b
     for _ in range(repeat):
         for backend in backends:
             if backend == "dali":
-                from data_pipeline.dali_backend import build_dali_streams
+                from data_pipeline.backends.dali.streams import build_dali_streams
                 streams = build_dali_streams(cfg, splits, 0, 1, device=dev)
             else:
-                from data_pipeline.torch_backend import build_torch_streams
+                from data_pipeline.backends.torch_backend import build_torch_streams
                 streams = build_torch_streams(cfg, splits, 0, 1)
             for name, stream in (("train", streams.train), ("eval", streams.eval["test"])):
                 runs.setdefault((backend, name), []).append(_time_stream(stream, batches, warmup, dev))
@@ -142,7 +142,7 @@ def bench_backends(prepared: Path, *, image_size: int = 224, threads: int = 2, b
 
 def _pipeline_build_seconds(prepared: Path, image_size: int, threads: int, batch: int, device: str) -> float:
     """Median time to build a train pipeline and get its first batch: the per-epoch cost of exact resume."""
-    from data_pipeline.dali_pipelines import AugmentSpec, ListRun, PipelineSpec
+    from data_pipeline.backends.dali.pipelines import AugmentSpec, ListRun, PipelineSpec
     from data_pipeline.readers import read_dataset
 
     files = [r.path for r in read_dataset("prepared", prepared)][: batch * 4]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from trainer.config import ModelConfig
 from trainer.meta import MetaReweighter
-from trainer.models import build_model
+from trainer.components.models import build_model
 
 MODES = ("plain", "head", "exact", "exact_fd", "second_order")
 NUM_CLASSES = 5

@@ -5,8 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import UsageError, setup_logging, user_errors_exit
-from .train import add_train_args, run_training
+from launch.errors import UsageError, setup_logging, user_errors_exit
+from launch.train import add_train_args, run_training
 
 
 @user_errors_exit
@@ -38,7 +38,7 @@ def _prepare(args, *, debug=False):
 
 @user_errors_exit
 def _report(args, *, debug=False):
-    from trainer.report import load_run, table_one_markdown, table_two_markdown, write_report
+    from trainer.reporting.report import load_run, table_one_markdown, table_two_markdown, write_report
 
     runs = [Path(r) for r in args.runs]
     out = write_report(runs, Path(args.out) if args.out else None, n_boot=args.n_boot)
@@ -50,7 +50,7 @@ def _report(args, *, debug=False):
 
 @user_errors_exit
 def _bench(args, *, debug=False):
-    from .bench import run_bench
+    from launch.bench import run_bench
 
     run_bench(args)
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
         # the same parser as `python -m launch.train`, which allows options between the key=value overrides
-        from .train import main as train_main
+        from launch.train import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

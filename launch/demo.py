@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import setup_logging
+from launch.errors import setup_logging
 
 RUNS = (("demo_baseline", "configs/demo.yaml"), ("demo_meta", "configs/demo_meta.yaml"))
 

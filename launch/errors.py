@@ -15,12 +15,12 @@ _USER_ERROR_CLASSES = (
     ("data_pipeline.records", "DataError"),
     ("data_pipeline.prepare", "PrepareAborted"),
     ("trainer.config", "ConfigError"),
-    ("trainer.models", "ModelError"),
-    ("trainer.run_dir", "RunDirError"),
-    ("trainer.checkpoint", "CheckpointError"),
-    ("trainer.report", "ReportInputError"),
-    ("trainer.trainer", "TrainingStopped"),
-    ("trainer.losses", "LossError"),
+    ("trainer.components.models", "ModelError"),
+    ("trainer.engine.run_dir", "RunDirError"),
+    ("trainer.engine.checkpoint", "CheckpointError"),
+    ("trainer.reporting.report", "ReportInputError"),
+    ("trainer.engine.trainer", "TrainingStopped"),
+    ("trainer.components.losses", "LossError"),
 )
 # OSErrors about the machine, not the program: the user fixes them (free space, permissions), a traceback won't help
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from .errors import setup_logging, user_errors_exit
+from launch.errors import setup_logging, user_errors_exit
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +31,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 @user_errors_exit
 def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     from trainer.config import load_config
-    from trainer.trainer import Trainer
+    from trainer.engine.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)

@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from data_pipeline.records import Record
-from data_pipeline.streams import IMAGENET_MEAN, IMAGENET_STD
-from data_pipeline.transforms import eval_transform
+from common.normalization import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.backends.transforms import eval_transform
 
 S = 32  # output side: small keeps the whole file fast on 2 cores
 MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
@@ -39,7 +39,7 @@ def records(tmp_path_factory) -> list[Record]:
 
 
 def _spec(batch: int, augment=None):
-    from data_pipeline.dali_pipelines import PipelineSpec
+    from data_pipeline.backends.dali.pipelines import PipelineSpec
 
     return PipelineSpec(S, batch, 2, None, augment)
 
@@ -50,7 +50,7 @@ def _reference(rec: Record) -> torch.Tensor:
 
 
 def _eval_images(records) -> dict[int, torch.Tensor]:
-    from data_pipeline.dali_backend import DaliEvalStream
+    from data_pipeline.backends.dali.streams import DaliEvalStream
 
     out = {}
     for b in DaliEvalStream(records, _spec(5), 0, 1, "test"):

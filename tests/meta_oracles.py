@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from trainer.models import TinyCNN
+from trainer.components.models import TinyCNN
 
 K = 3
 

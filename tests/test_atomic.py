@@ -3,7 +3,7 @@ import errno
 
 import pytest
 
-from data_pipeline.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_text
 
 
 def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):

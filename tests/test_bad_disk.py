@@ -1,7 +1,7 @@
 """Disk full while `prepare` writes: a clear error naming the path, exit 2, earlier outputs intact and usable, no
 temp files left, the same command resumes once there is space; --debug shows the traceback, the default does not.
 
-The disk is filled by a `sitecustomize` module on PYTHONPATH that swaps `data_pipeline.atomic`'s `os` for a proxy
+The disk is filled by a `sitecustomize` module on PYTHONPATH that swaps `common.atomic`'s `os` for a proxy
 whose `fdopen` returns a file that writes part of the data and then raises ENOSPC -- what a full disk does. Being
 loaded at interpreter start-up, it is in force in prepare's worker processes too, whatever their start method.
 """
@@ -22,7 +22,7 @@ from data_pipeline.synth import generate_synthetic
 
 _SITECUSTOMIZE = textwrap.dedent('''
     import errno, os, types
-    import data_pipeline.atomic as atomic
+    import common.atomic as atomic
     import data_pipeline.prepare as prepare
 
     _FAIL_ON = os.environ.get("METALOSS_TEST_ENOSPC")   # substring of the temp file name whose write fails

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from bad_corpus import LAYOUTS, make_bad_corpus, make_singleton_class
 from conftest import run_cli, tiny_overrides
 from data_pipeline.records import DataError
-from data_pipeline.torch_backend import load_rgb
+from data_pipeline.backends.torch_backend import load_rgb
 from launch.errors import user_message
 
 

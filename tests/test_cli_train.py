@@ -132,7 +132,7 @@ def test_dali_on_a_raw_layout_is_refused_with_the_prepare_command(synth_dir, tmp
 
 def test_auto_backend_picks_dali_for_a_prepared_dir(synth_dir, tmp_path):
     pytest.importorskip("nvidia.dali")
-    from data_pipeline.streams import resolve_backend
+    from data_pipeline.factory import resolve_backend
     from trainer.config import config_from_dict
 
     prepared = tmp_path / "prepared"

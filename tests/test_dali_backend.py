@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from data_pipeline.dali_backend import (DaliEvalStream, DaliMetaStream, DaliReaderMetaStream,  # noqa: E402
+from data_pipeline.backends.dali.streams import (DaliEvalStream, DaliMetaStream, DaliReaderMetaStream,  # noqa: E402
                                         DaliReaderTrainStream, DaliTrainStream, build_dali_streams, epoch_order)
-from data_pipeline.dali_pipelines import AugmentSpec, PipelineSpec  # noqa: E402
+from data_pipeline.backends.dali.pipelines import AugmentSpec, PipelineSpec  # noqa: E402
 from data_pipeline.records import DataError, Record  # noqa: E402
-from data_pipeline.streams import build_streams  # noqa: E402
+from data_pipeline.factory import build_streams  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
 
 from dali_fixtures import S, MEAN, STD, _spec, _reference, _eval_images, _to_255  # noqa: E402
@@ -81,7 +81,7 @@ def test_train_shards_disjoint_cover_and_match_torch_order(records):
     assert not set(per_rank[0]) & set(per_rank[1])
     assert len(set(per_rank[0]) | set(per_rank[1])) == 2 * ((n // 2) // bs) * bs  # all but the dropped remainder
     # the torch backend draws the same index sequence, so the two backends are interchangeable mid-run
-    from data_pipeline.torch_backend import ShardedBatchSampler
+    from data_pipeline.backends.torch_backend import ShardedBatchSampler
     sampler = ShardedBatchSampler(n, bs, 1, 2, seed, shuffle=True, train=True)
     sampler.epoch = 2
     assert [i for batch in sampler for i, _ in batch] == per_rank[1]
@@ -170,7 +170,7 @@ def test_full_augmentation_stays_in_normalised_range(records):
 @pytest.mark.parametrize("small_chunks", [False, True])  # True: a new pipeline for every pass
 def test_meta_stream_is_endless_and_reshuffles_each_pass(records, monkeypatch, small_chunks):
     if small_chunks:
-        import data_pipeline.dali_backend as backend
+        import data_pipeline.backends.dali.streams as backend
         monkeypatch.setattr(backend, "META_CHUNK_SAMPLES", 1)
         monkeypatch.setattr(backend, "META_CHUNK_BATCHES", 1)
     meta = DaliMetaStream(records, _spec(4), 1, 2, 11)
@@ -237,7 +237,7 @@ def test_unreadable_image_is_named(records, tmp_path):
 
 
 def test_device_resolution_honours_cpu_requests():
-    from data_pipeline.dali_backend import resolve_device_id
+    from data_pipeline.backends.dali.streams import resolve_device_id
     cfg = config_from_dict({"train": {"cpu": True}})
     assert resolve_device_id(cfg, None) is None
     assert resolve_device_id(config_from_dict({}), torch.device("cpu")) is None

@@ -10,8 +10,8 @@ import torch
 
 from conftest import tiny_overrides
 from dist_scripts.dist_helpers import SCRIPTS, python, torchrun
-from trainer.accel import build_accelerator
-from trainer.checkpoint import list_checkpoints
+from trainer.engine.accel import build_accelerator
+from trainer.engine.checkpoint import list_checkpoints
 from trainer.config import ConfigError, load_config
 
 

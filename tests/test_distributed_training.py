@@ -23,7 +23,7 @@ from conftest import tiny_overrides
 from dist_scripts.dist_helpers import (REPO, SCRIPTS, accelerate_launch, assert_same_tensors, checkpoint_tensors,
                                        comparable_metrics, final_checkpoint, free_port, python, subprocess_env,
                                        torchrun)
-from trainer.checkpoint import list_checkpoints
+from trainer.engine.checkpoint import list_checkpoints
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

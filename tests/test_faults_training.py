@@ -7,9 +7,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 from conftest import tiny_overrides
-from trainer.checkpoint import list_checkpoints
+from trainer.engine.checkpoint import list_checkpoints
 from trainer.config import load_config
-from trainer.trainer import Trainer, TrainingStopped
+from trainer.engine.trainer import Trainer, TrainingStopped
 
 
 @pytest.fixture(autouse=True)

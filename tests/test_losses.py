@@ -1,4 +1,4 @@
-"""Every imbalance loss against values computed by hand with numpy (not with trainer.losses' own helpers)."""
+"""Every imbalance loss against values computed by hand with numpy (not with trainer.components.losses' own helpers)."""
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.config import LossConfig
-from trainer.losses import LossError, build_loss
+from trainer.components.losses import LossError, build_loss
 
 COUNTS = [100, 10, 1]
 LOGITS = np.array([[2.0, 0.5, -1.0],

@@ -32,7 +32,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from trainer.meta import MetaReweighter
-        from trainer.models import TinyCNN
+        from trainer.components.models import TinyCNN
 
         torch.manual_seed(rank)  # different initial φ per rank: broadcast must fix that
         rw = MetaReweighter.from_dict({"granularity": "class", "lr": 1e-2}, K)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from meta_oracles import K, flat, rel_err, single_thread
 from trainer.meta import MetaReweighter
-from trainer.models import TinyCNN
+from trainer.components.models import TinyCNN
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 

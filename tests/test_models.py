@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from trainer.config import ModelConfig
-from trainer.models import ModelError, build_model
+from trainer.components.models import ModelError, build_model
 
 
 @pytest.mark.parametrize("arch", ["tiny", "resnet18", "resnet34", "resnet50"])

@@ -13,7 +13,7 @@ from PIL import Image
 
 from data_pipeline.records import class_names
 from trainer.metrics import compute_metrics
-from trainer.report import (ReportInputError, bootstrap_ci, bootstrap_report_cis, load_run, table_one_markdown,
+from trainer.reporting.report import (ReportInputError, bootstrap_ci, bootstrap_report_cis, load_run, table_one_markdown,
                             table_two_markdown, write_report)
 
 K = 5

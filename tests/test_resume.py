@@ -6,7 +6,7 @@ only if the checkpoint carries everything (model, both optimisers, scheduler, RN
 train and meta stream positions) and the torch backend's per-sample augmentation seeds make a mid-epoch restart
 draw the same pixels.
 
-The faults are injected with METALOSS_TEST_FAULT (trainer/checkpoint.py ``FaultInjection``) so they hit an exact
+The faults are injected with METALOSS_TEST_FAULT (trainer/engine/checkpoint.py ``FaultInjection``) so they hit an exact
 step: 10 steps per epoch, 2 epochs, a checkpoint every 4 steps and at each epoch end (4, 8, 10, 12, 16, 20).
 """
 import json
@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_overrides
 from dist_scripts.dist_helpers import (assert_same_tensors, checkpoint_tensors, comparable_metrics,
                                        final_checkpoint, python, torchrun)
-from trainer.checkpoint import list_checkpoints
+from trainer.engine.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -6,9 +6,9 @@ import pytest
 from accelerate.state import AcceleratorState
 
 from conftest import run_cli, tiny_overrides
-from trainer.checkpoint import CheckpointError, list_checkpoints
+from trainer.engine.checkpoint import CheckpointError, list_checkpoints
 from trainer.config import load_config
-from trainer.trainer import Trainer
+from trainer.engine.trainer import Trainer
 
 
 def test_resume_with_changed_settings_is_refused_with_a_diff(synth_dir, tmp_path):

@@ -10,9 +10,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from data_pipeline.records import class_names
-from data_pipeline.streams import IMAGENET_MEAN, IMAGENET_STD
+from common.normalization import IMAGENET_MEAN, IMAGENET_STD
 from trainer.metrics import compute_metrics
-from trainer.tb_logging import DeviceScalarBuffer, TBLogger
+from trainer.observability.tb_logging import DeviceScalarBuffer, TBLogger
 
 NAMES = class_names(5)
 TRAINER_SCALARS = ("train/loss", "train/weighted_loss", "meta/loss", "meta/weight_mean", "meta/weight_std",

@@ -71,7 +71,7 @@ def python(*args: str, env: dict | None = None, timeout: int = 300, check: bool 
 
 # --------------------------------------------------------------------------------------------- run artefacts
 def final_checkpoint(run_dir: Path) -> Path:
-    from trainer.checkpoint import list_checkpoints
+    from trainer.engine.checkpoint import list_checkpoints
 
     ckpts = list_checkpoints(run_dir)
     assert ckpts, f"no complete checkpoint in {run_dir}"
@@ -123,9 +123,9 @@ def meta_config(data_dir: Path):
 def meta_problem(data_dir: Path, rank: int, world: int):
     """(cfg, float64 TinyCNN in train mode, this rank's streams): identical on every rank but for the shards."""
     from data_pipeline.splits import make_splits
-    from data_pipeline.streams import build_streams
-    from trainer.models import build_model
-    from trainer.run_dir import load_records
+    from data_pipeline.factory import build_streams
+    from trainer.components.models import build_model
+    from trainer.engine.run_dir import load_records
 
     cfg = meta_config(data_dir)
     splits = make_splits(load_records(cfg), cfg.data.split_fractions, cfg.train.seed, cfg.model.num_classes)

@@ -15,7 +15,7 @@ def main() -> int:
     out_json, checkpoint, config, *overrides = sys.argv[1:]
     from launch.errors import setup_logging
     from trainer.config import load_config
-    from trainer.trainer import Trainer
+    from trainer.engine.trainer import Trainer
 
     setup_logging()
     trainer = Trainer(load_config(config, overrides), resume=checkpoint, quiet=True)

@@ -26,7 +26,7 @@ def main() -> int:
 
     from launch.errors import setup_logging
     from trainer.config import load_config
-    from trainer.trainer import Trainer
+    from trainer.engine.trainer import Trainer
 
     setup_logging()
     cfg = load_config(args.config, args.overrides)

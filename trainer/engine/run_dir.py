@@ -13,7 +13,7 @@ from data_pipeline.readers import detect_format, read_dataset
 from data_pipeline.records import DataError, Record
 from data_pipeline.splits import load_or_make_splits
 
-from .config import Config, config_to_dict, diff_configs, save_config
+from trainer.config import Config, config_to_dict, diff_configs, save_config
 
 log = logging.getLogger(__name__)
 

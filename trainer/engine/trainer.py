@@ -14,19 +14,19 @@ import torch
 from accelerate.utils import set_seed
 
 from data_pipeline.records import class_names
-from data_pipeline.streams import build_streams
+from data_pipeline.factory import build_streams
 
-from .accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
-from .checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
+from trainer.engine.accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
+from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
                          written_by_ranks)
-from .config import Config
-from .evaluation import Predictions, evaluate
-from .losses import build_loss
-from .models import build_model
-from .optim import build_optimizer, build_scheduler
-from .run_dir import on_main_then_share, prepare_run_dir, load_splits
-from .run_logging import RunLogger
-from .steps import StepRunner
+from trainer.config import Config
+from trainer.engine.evaluation import Predictions, evaluate
+from trainer.components.losses import build_loss
+from trainer.components.models import build_model
+from trainer.components.optim import build_optimizer, build_scheduler
+from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
+from trainer.observability.run_logging import RunLogger
+from trainer.engine.steps import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Trainer:
         self.loss_fn = build_loss(cfg.train.loss, cfg.loss, self.streams.class_counts, cfg.train.epochs).to(acc.device)
         self.reweighter = None
         if cfg.train.loss == "meta":
-            from .meta import MetaReweighter
+            from trainer.meta import MetaReweighter
 
             self.reweighter = MetaReweighter(cfg.meta, num_classes=k)
             self.reweighter.to(acc.device)

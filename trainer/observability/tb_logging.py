@@ -35,9 +35,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from data_pipeline.streams import IMAGENET_MEAN, IMAGENET_STD
+from common.normalization import IMAGENET_MEAN, IMAGENET_STD
 
-from .figures import confusion_image
+from trainer.reporting.figures import confusion_image
 
 _MAX_GRID_IMAGES = 32
 _EVAL_SCALARS = ("accuracy", "macro_f1", "weighted_f1", "qwk")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .metrics import compute_metrics
+from trainer.metrics import compute_metrics
 
 
 @dataclass

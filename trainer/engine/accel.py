@@ -13,7 +13,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-from .config import Config, ConfigError
+from trainer.config import Config, ConfigError
 
 _PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 

@@ -20,8 +20,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import figures
-from .metrics import confusion_matrix, metrics_from_confusion
+from trainer.reporting import figures
+from trainer.metrics import confusion_matrix, metrics_from_confusion
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions_test.csv"

@@ -47,9 +47,9 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .dali_pipelines import AugmentSpec, ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
-from .records import DataError, Record
-from .streams import Batch, Streams, shard_indices
+from data_pipeline.backends.dali.pipelines import AugmentSpec, ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
+from data_pipeline.records import DataError, Record
+from data_pipeline.types import Batch, Streams, shard_indices
 
 # Seed tags: the train, meta and eval pipelines of one run never share random streams.
 _TAG_TRAIN, _TAG_META = 1, 2

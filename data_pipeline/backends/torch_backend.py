@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .image_ops import ImageError, load_rgb as decode_rgb8
-from .records import DataError, Record
-from .streams import Batch, EndlessStream, Streams, shard_indices
-from .transforms import augment_kwargs, eval_transform, train_transform
+from data_pipeline.image_ops import ImageError, load_rgb as decode_rgb8
+from data_pipeline.records import DataError, Record
+from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
+from data_pipeline.backends.transforms import augment_kwargs, eval_transform, train_transform
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -1,7 +1,7 @@
 """Report figures (PNG) and the TensorBoard confusion-matrix image, drawn with matplotlib's Agg canvas.
 
 The ``plot_*`` functions take plain data (lists / numpy arrays keyed by a run label); ``draw_report_figures`` picks
-that data out of already-validated runs (``trainer.report.RunResult``) and decides which runs to skip, with a note. We build ``matplotlib.figure.Figure`` objects on an
+that data out of already-validated runs (``trainer.reporting.report.RunResult``) and decides which runs to skip, with a note. We build ``matplotlib.figure.Figure`` objects on an
 explicit ``FigureCanvasAgg`` instead of using ``pyplot``: no global figure registry to leak across many plots, no
 backend selection that could fail on a headless node, and safe to call from a training process.
 """
@@ -153,7 +153,7 @@ def _safe(name: str) -> str:
 
 
 def draw_report_figures(runs, fig_dir: Path) -> list[tuple[str, Path | None, list[str]]]:
-    """Every report figure for ``trainer.report.RunResult``-like runs (``label``, ``name``, ``metrics``, ``test``,
+    """Every report figure for ``trainer.reporting.report.RunResult``-like runs (``label``, ``name``, ``metrics``, ``test``,
     ``class_names``). Returns (title, path or None when no run has data, notes about skipped runs) per figure."""
     out = []
     weights, notes = {}, []

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.atomic import atomic_write, atomic_write_text
+from common.atomic import atomic_write, atomic_write_text
 
-from .config import config_to_dict
-from .tb_logging import DeviceScalarBuffer, TBLogger
+from trainer.config import config_to_dict
+from trainer.observability.tb_logging import DeviceScalarBuffer, TBLogger
 
 log = logging.getLogger(__name__)
 

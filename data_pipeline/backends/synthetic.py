@@ -9,8 +9,8 @@ from typing import Iterator
 
 import torch
 
-from .records import Record
-from .streams import Batch, EndlessStream, Streams, shard_indices
+from data_pipeline.records import Record
+from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
 
 
 def _tensors(records: list[Record], size: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:

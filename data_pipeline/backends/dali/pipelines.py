@@ -28,8 +28,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .records import DataError
-from .streams import IMAGENET_MEAN, IMAGENET_STD
+from data_pipeline.records import DataError
+from common.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 # PIL "L" conversion weights (ITU-R 601-2), used by torchvision's adjust_contrast for the mean grey level.
 GREY_WEIGHTS = (0.299, 0.587, 0.114)

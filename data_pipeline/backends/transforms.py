@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torchvision import transforms as T
 
-from .streams import IMAGENET_MEAN, IMAGENET_STD
+from common.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 
 def eval_transform(image_size: int) -> T.Compose:

@@ -1,0 +1,1 @@
+"""DALI backend: pipelines (decode + augment graphs) and the streams that wrap them."""

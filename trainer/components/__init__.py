@@ -1,0 +1,1 @@
+"""Swappable training components: model factory, imbalance losses, optimisers and schedules."""

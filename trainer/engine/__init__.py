@@ -1,0 +1,1 @@
+"""The training engine: the Trainer loop, the step, Accelerate wiring, checkpoints, run dirs, evaluation."""
