@@ -95,6 +95,9 @@ class MetaConfig:
     lookahead_lr: float = 0.0
     # run the meta step every N real steps
     every: int = 1
+    # exact/head: reuse the real step's forward of the train batch (one forward per step); false = a separate
+    # forward in the meta step (lower peak memory: the train activations are not held through the look-ahead)
+    share_forward: bool = True
     # sample granularity: append the one-hot class to the per-sample loss feature
     sample_one_hot: bool = False
     meta_batch_size: int = 0  # 0 = train.batch_size

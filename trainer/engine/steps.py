@@ -1,14 +1,25 @@
 """One optimisation step: optional meta step (update φ), then the real step on θ.
 
+Shared forward (``meta.share_forward``, ``exact``/``head``; DESIGN.md "One forward per step"): the real step's
+forward of the train batch runs first, through the DDP wrapper, and updates BatchNorm's running statistics (once).
+The meta step takes the virtual gradient from that graph with ``autograd.grad(retain_graph=True)`` -- which runs no
+DDP reducer hook, so it stays rank-local -- updates φ, and the real weighted loss (new φ, weights constant) is then
+back-propagated through the same graph, where DDP all-reduces as usual. ``head`` takes the train batch's fc input
+from that forward instead. Without sharing (``second_order``, DeepSpeed, ``share_forward: false``) the meta step
+runs its own forward before the real one, on the unwrapped module.
+
 No host-device sync happens here: every statistic is returned as a 0-dim device tensor for the logger's buffer, and a
 non-finite loss or gradient skips the update *on the device* -- the fused Adam kernels read ``optimizer.found_inf``
 (the hook GradScaler uses) and leave parameters, moments and step count untouched when it is non-zero.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from trainer.meta.head import captured_fc_input, final_linear
 
 
 @dataclass
@@ -45,6 +56,12 @@ class StepRunner:
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.max_consecutive_bad = torch.zeros_like(self.consecutive_bad)
         self.bad_steps = torch.zeros_like(self.consecutive_bad)
+        # DeepSpeed keeps the two-forward path: its engine's forward/backward have not been verified with a graph
+        # that autograd.grad already walked (docs/PERFORMANCE.md)
+        self.share_forward = (reweighter is not None and reweighter.shares_forward()
+                              and cfg.train.distributed != "deepspeed")
+        self.head_fc = (final_linear(self.unwrapped) if self.share_forward and reweighter.cfg.lookahead == "head"
+                        else None)
 
     def restore_counters(self, *, bad_steps: int) -> None:
         """After a resume the run's bad-step total continues from the checkpoint; the consecutive count restarts at 0
@@ -57,14 +74,15 @@ class StepRunner:
             images = images.to(self.input_dtype)  # DeepSpeed bf16 holds bf16 parameters: inputs must match
         return images, batch.labels.to(self.accelerator.device, non_blocking=True)
 
-    def _meta_step(self, x, y) -> dict[str, torch.Tensor]:
+    def _meta_step(self, x, y, train_losses=None, train_features=None) -> dict[str, torch.Tensor]:
         xm, ym = self._to_device(next(self.meta_stream))
         rw = self.reweighter
         # α follows the classifier's live learning rate (warm-up, cosine, step) unless meta.lookahead_lr pins it
         alpha = rw.lookahead_lr(self.scheduler.get_last_lr()[0])
         grads = rw.meta_gradient(self.unwrapped, (x, y), (xm, ym), alpha,
                                  optimizer=self.raw_optimizer, autocast=self.accelerator.autocast,
-                                 grad_scaler=self.accelerator.scaler)
+                                 grad_scaler=self.accelerator.scaler, train_losses=train_losses,
+                                 train_features=train_features)
         rw.update(grads)
         return {"meta_loss": rw.last_meta_loss.detach().float()}
 
@@ -72,12 +90,21 @@ class StepRunner:
         x, y = self._to_device(batch)
         stats: dict[str, torch.Tensor] = {}
         rw = self.reweighter
-        if rw is not None and rw.is_meta_step(step):
+        meta_now = rw is not None and rw.is_meta_step(step)
+        shared = meta_now and self.share_forward
+        if meta_now and not shared:
             stats.update(self._meta_step(x, y))
         buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
         saved = [b.clone() for b in buffers] if self.device_skip else None  # BN stats: small, restored if bad
-        logits = self.model(x)  # Accelerate's prepared forward already runs under autocast
-        per_sample = self.loss_fn(logits.float(), y)
+        capture = shared and self.head_fc is not None
+        with captured_fc_input(self.head_fc) if capture else contextlib.nullcontext() as seen:
+            logits = self.model(x)  # Accelerate's prepared forward already runs under autocast
+        # half-precision logits are upcast; float64 ones (tests) stay float64 -- the shared meta step differentiates
+        # these very losses, and the two-forward path computes them in the model's precision
+        per_sample = self.loss_fn(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), y)
+        if shared:
+            stats.update(self._meta_step(x, y, train_losses=None if capture else per_sample,
+                                         train_features=seen[-1] if capture else None))
         plain = per_sample.mean()
         weights = None
         if rw is not None:

@@ -1,7 +1,8 @@
-"""``head`` look-ahead: the virtual step moves only the final linear layer ``model.fc``.
+"""``head`` look-ahead: the virtual step moves only the final linear layer (``final_linear``: today ``model.fc``).
 
-The fc inputs h (train batch) and h_m (meta batch) are taken, detached, by a forward pre-hook on ``model.fc``
-during two no-grad forwards of the network. Everything after that involves the tiny head only, so it runs in
+The fc inputs h (train batch) and h_m (meta batch) are taken, detached, by a forward pre-hook on the final linear
+layer: h from the real step's own forward when the forward is shared (``train_features``; the step then costs one
+extra no-grad forward of the meta batch), else both from no-grad forwards of the network. Everything after that involves the tiny head only, so it runs in
 (at least) fp32 whatever the network's precision, and uses the same first-order algorithm as ``exact.py`` with
 θ = (W, b):
 
@@ -39,12 +40,19 @@ def captured_fc_input(fc: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def head_features(module: nn.Module, x: torch.Tensor, autocast: AutocastFactory) -> torch.Tensor:
-    """The fc input for a batch: one no-grad forward with BatchNorm buffers protected."""
+def final_linear(module: nn.Module) -> nn.Linear:
+    """The classifier's final linear layer, whose input are the penultimate features. The ONE place that knows
+    where it lives (every model of ``build_model`` ends in ``model.fc``); swap this for a per-family lookup."""
     fc = getattr(module, "fc", None)
     if not isinstance(fc, nn.Linear):
         raise ValueError(f"meta.lookahead=head needs the model to end in an nn.Linear named 'fc'; "
                          f"{type(module).__name__} has {type(fc).__name__}")
+    return fc
+
+
+def head_features(module: nn.Module, x: torch.Tensor, autocast: AutocastFactory) -> torch.Tensor:
+    """The fc input for a batch: one no-grad forward with BatchNorm buffers protected."""
+    fc = final_linear(module)
     with captured_fc_input(fc) as seen, frozen_batchnorm(module), torch.no_grad(), autocast_context(autocast):
         module(x)
     if len(seen) != 1:
@@ -59,12 +67,14 @@ def _head_losses(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: O
 def head_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weighting: Weighting, *,
                        detach_features: bool, lookahead_optimizer: str = "sgd", optimizer=None,
                        autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
+                       train_features: Optional[torch.Tensor] = None,
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(∇φ L_meta for a look-ahead over fc only, L_meta). ``scale`` is unused: the head runs in >= fp32."""
+    """(∇φ L_meta for a look-ahead over fc only, L_meta). ``scale`` is unused: the head runs in >= fp32.
+    ``train_features``: the train batch's fc input captured in the real step's forward (shared forward)."""
     x, y = train_batch
     xm, ym = meta_batch
-    fc = module.fc if isinstance(getattr(module, "fc", None), nn.Linear) else None
-    h = head_features(module, x, autocast)
+    fc = final_linear(module)
+    h = head_features(module, x, autocast) if train_features is None else train_features.detach()
     h_meta = head_features(module, xm, autocast)
     real = [p for p in (fc.weight, fc.bias) if p is not None and p.requires_grad]
     if not real:

@@ -91,9 +91,20 @@ class MetaReweighter:
             self.to(t.device)
 
     # ------------------------------------------------------------------------------------------------ meta step
+    def shares_forward(self) -> bool:
+        """Whether the meta step can reuse the real step's forward (``meta.share_forward``; ``exact`` and ``head``;
+        ``second_order`` stays on its own forward: it is the independent oracle)."""
+        return self.cfg.share_forward and self.cfg.lookahead in ("exact", "head")
+
     def meta_gradient(self, model: nn.Module, train_batch, meta_batch, lr, *, optimizer=None,
-                      autocast: AutocastFactory = None, grad_scaler=None) -> list[torch.Tensor]:
+                      autocast: AutocastFactory = None, grad_scaler=None,
+                      train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None
+                      ) -> list[torch.Tensor]:
         """∇φ L_meta (list aligned with ``meta_net.parameters()``); model params/.grad/BN buffers untouched.
+
+        Shared forward (``shares_forward()``): ``train_losses`` are the per-sample losses of the real step's own
+        forward on ``train_batch`` with their graph (``exact`` takes the virtual gradient from it and leaves it
+        alive for the real backward); ``train_features`` the fc input captured in that forward (``head``).
 
         ``optimizer``: the live θ optimiser (for ``lookahead_optimizer: adam``). ``autocast``: a context-manager
         factory for the network forwards. ``grad_scaler``: fp16 -- the virtual losses are scaled by its current
@@ -110,12 +121,13 @@ class MetaReweighter:
         if mode == "exact":
             grads, meta_loss = exact_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                    directional=self.cfg.directional, fd_eps=self.cfg.fd_eps,
-                                                   **common)
+                                                   train_losses=train_losses, **common)
         elif mode == "second_order":
             grads, meta_loss = second_order_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                           **common)
         elif mode == "head":
-            grads, meta_loss = head_meta_gradient(module, train_batch, meta_batch, lr, self.weighting, **common)
+            grads, meta_loss = head_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
+                                                  train_features=train_features, **common)
         else:
             raise ValueError(f"config key 'meta.lookahead': {mode!r} is not one of exact, second_order, head")
         self._scaled = scale.enabled
