@@ -1,10 +1,13 @@
-"""`metaloss bench {meta,data,train} [args]`: throughput benchmarks. Numbers go to docs/PERFORMANCE.md with the
-command and the machine; no test asserts on wall-clock time.
+"""`metaloss bench {meta,meta-precision,data,train} [args]`: throughput benchmarks. Numbers go to docs/PERFORMANCE.md
+with the command and the machine; no test asserts on wall-clock time.
 
-- meta:  step time of the meta-step modes vs a plain step (launch/bench_meta.py)
+- meta:  the trainer's StepRunner per meta mode vs a plain step, peak memory per mode (launch/bench_meta.py)
+- meta-precision: cosine of the meta-gradient to fp32 per mode under bf16/fp16 (launch/bench_meta_precision.py)
 - data:  prepare img/s and DALI vs torch loader img/s (launch/bench_data.py)
 - train: end-to-end Trainer img/s on the synthetic backend for a config (no I/O), e.g.
          metaloss bench train configs/aptos_meta.yaml train.max_steps=50
+         img/s is the mean over all timed steps (use a max_steps that is a multiple of meta.every: whole cycles);
+         peak memory: CUDA max allocated, else this process's peak RSS (one config per process).
 """
 from __future__ import annotations
 
@@ -20,6 +23,12 @@ import torch
 def _machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak across exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
 def bench_train(argv: list[str]) -> dict:
@@ -40,8 +49,13 @@ def bench_train(argv: list[str]) -> dict:
         t0 = time.perf_counter()
         metrics = trainer.fit()
         wall = time.perf_counter() - t0
+    if torch.cuda.is_available() and not cfg.train.cpu:
+        peak = {"peak_cuda_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20)}
+    else:
+        peak = {"peak_rss_mib": round(peak_rss_mib())}
     out = {"config": args.config, "overrides": args.overrides, "steps": metrics["steps"],
-           "train_img_per_s": round(metrics["train_img_per_s"], 1), "wall_s": round(wall, 1), "machine": _machine()}
+           "train_img_per_s": round(metrics["train_img_per_s"], 1), "wall_s": round(wall, 1), **peak,
+           "machine": _machine()}
     print(json.dumps(out, indent=2))
     return out
 
@@ -49,6 +63,8 @@ def bench_train(argv: list[str]) -> dict:
 def run_bench(args) -> None:
     if args.what == "meta":
         from launch.bench_meta import main
+    elif args.what == "meta-precision":
+        from launch.bench_meta_precision import main
     elif args.what == "data":
         from launch.bench_data import main
     else:

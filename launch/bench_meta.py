@@ -10,16 +10,17 @@ Timing: the modes run interleaved, one *cycle* of each per round, so slow drifts
 alike. A cycle is ``meta.every`` steps (1 for most modes): with ``meta.every: 4`` one cycle = one meta step + three
 plain steps, and its time / 4 is the mean step cost (the median of mixed steps would read as a plain step). The
 reported figure is the median over ``--steps`` cycles, per step; the spread (min-max over cycles) is printed too.
+Besides wall-clock time the process CPU time of each cycle is recorded: with ``--threads 1`` on a shared machine it
+is the stable figure (other processes' load stretches the wall clock, not the CPU work of the step).
 
 Memory (``--memory``): each mode runs again in its own subprocess (1 warm-up + 2 steps) and reports its peak: CUDA
-``max_memory_allocated``, CPU the process's peak RSS (``ru_maxrss``; a process's peak covers its whole life, hence
-one process per mode). ``idle`` is a process that builds everything and takes no step (the RSS floor).
+``max_memory_allocated``, CPU the process's peak RSS (``VmHWM``; a process's peak covers its whole life, hence one
+process per mode; ``ru_maxrss`` would not do: Linux carries the parent's peak across fork + exec). ``idle`` is a process that builds everything and takes no step (the RSS floor).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,8 +113,8 @@ def bench_meta_step(arch: str = "resnet18", image_size: int = 64, batch: int = 3
                     modes: Sequence[str] = ("plain", "head", "exact"), steps: int = 5, warmup: int = 2,
                     device: str = "cpu", extra: Sequence[str] = (), seed: int = 0,
                     log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, float]]:
-    """{mode: {"ms_per_step", "ratio_vs_plain", "spread_ms", "cycle"}}: median over ``steps`` cycles after
-    ``warmup`` cycles, per step."""
+    """{mode: {"ms_per_step", "ratio_vs_plain", "spread_ms", "cpu_ms_per_step", "cpu_ratio_vs_plain", "cycle"}}:
+    medians over ``steps`` cycles after ``warmup`` cycles, per step (wall clock and process CPU time)."""
     modes = list(modes)
     runners, cycles, feeds = {}, {}, {}
     for m in modes:
@@ -121,11 +122,12 @@ def bench_meta_step(arch: str = "resnet18", image_size: int = 64, batch: int = 3
         runners[m], feeds[m] = build_runner(cfg, seed)
         cycles[m] = cfg.meta.every if cfg.train.loss == "meta" else 1
     times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
     counters = {m: 0 for m in modes}
     for i in range(warmup + steps):
         for m in modes:
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(cycles[m]):
                 runners[m](next(feeds[m]), counters[m])
                 counters[m] += 1
@@ -133,12 +135,16 @@ def bench_meta_step(arch: str = "resnet18", image_size: int = 64, batch: int = 3
             dt = (time.perf_counter() - t0) * 1e3 / cycles[m]
             if i >= warmup:
                 times[m].append(dt)
+                cpu[m].append((time.process_time() - c0) * 1e3 / cycles[m])
             if log:
                 log(f"round {i} {m}: {dt:.1f} ms/step{' (warmup)' if i < warmup else ''}")
     med = {m: statistics.median(times[m]) for m in modes}
-    base = med.get("plain")
+    cmed = {m: statistics.median(cpu[m]) for m in modes}
+    base, cbase = med.get("plain"), cmed.get("plain")
     return {m: {"ms_per_step": med[m], "ratio_vs_plain": (med[m] / base) if base else float("nan"),
-                "spread_ms": max(times[m]) - min(times[m]), "cycle": cycles[m]} for m in modes}
+                "spread_ms": max(times[m]) - min(times[m]), "cpu_ms_per_step": cmed[m],
+                "cpu_ratio_vs_plain": (cmed[m] / cbase) if cbase else float("nan"), "cycle": cycles[m]}
+            for m in modes}
 
 
 def peak_memory_mib(mode: str, arch: str, image_size: int, batch: int, device: str, extra: Sequence[str],
@@ -154,7 +160,9 @@ def peak_memory_mib(mode: str, arch: str, image_size: int, batch: int, device: s
     _sync(device)
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    from launch.bench import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def _memory_in_subprocesses(args, modes: Sequence[str]) -> dict[str, float]:
@@ -170,12 +178,14 @@ def _memory_in_subprocesses(args, modes: Sequence[str]) -> dict[str, float]:
 
 def format_table(results: dict[str, dict[str, float]], peaks: Optional[dict[str, float]] = None) -> str:
     unit = "peak MiB"
-    lines = [f"{'mode':<16}{'ms/step':>10}{'x plain':>9}{'spread':>9}" + (f"{unit:>11}" if peaks else "")]
+    lines = [f"{'mode':<16}{'ms/step':>10}{'x plain':>9}{'spread':>9}{'cpu ms':>9}{'cpu x':>7}"
+             + (f"{unit:>11}" if peaks else "")]
     for m, r in results.items():
-        row = f"{m:<16}{r['ms_per_step']:>10.1f}{r['ratio_vs_plain']:>9.2f}{r['spread_ms']:>9.0f}"
+        row = (f"{m:<16}{r['ms_per_step']:>10.1f}{r['ratio_vs_plain']:>9.2f}{r['spread_ms']:>9.0f}"
+               f"{r['cpu_ms_per_step']:>9.1f}{r['cpu_ratio_vs_plain']:>7.2f}")
         lines.append(row + (f"{peaks[m]:>11.0f}" if peaks else ""))
     if peaks and "idle" in peaks:
-        lines.append(f"{'idle (no step)':<44}{peaks['idle']:>11.0f}")
+        lines.append(f"{'idle (no step)':<60}{peaks['idle']:>11.0f}")
     return "\n".join(lines)
 
 

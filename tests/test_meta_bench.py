@@ -23,6 +23,7 @@ def test_bench_reports_every_mode_relative_to_plain():
         assert res[m]["ms_per_step"] > 0
         assert res[m]["ratio_vs_plain"] == pytest.approx(res[m]["ms_per_step"] / res["plain"]["ms_per_step"])
     table = format_table(res, {**{m: 100.0 for m in modes}, "idle": 90.0})
+    assert res["plain"]["cpu_ratio_vs_plain"] == 1.0 and all(res[m]["cpu_ms_per_step"] > 0 for m in modes)
     assert all(m in table for m in modes) and "idle" in table
 
 

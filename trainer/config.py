@@ -98,6 +98,12 @@ class MetaConfig:
     # exact/head: reuse the real step's forward of the train batch (one forward per step); false = a separate
     # forward in the meta step (lower peak memory: the train activations are not held through the look-ahead)
     share_forward: bool = True
+    # same | fp32: precision of the look-ahead passes. "same" = the run's train.precision (autocast), "fp32" = the
+    # meta step without autocast (its own fp32 forward then: the shared forward is low precision); docs/PERFORMANCE.md
+    precision: str = "same"
+    # updated (paper): the real step weighs with the just-updated φ | lagged: it reuses the look-ahead's virtual
+    # gradient, i.e. the weights of φ before this meta update (one backward less; needs exact + detach_features)
+    real_step: str = "updated"
     # sample granularity: append the one-hot class to the per-sample loss feature
     sample_one_hot: bool = False
     meta_batch_size: int = 0  # 0 = train.batch_size
@@ -178,6 +184,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "meta.lookahead": ("exact", "second_order", "head"),
     "meta.lookahead_optimizer": ("sgd", "adam"),
     "meta.directional": ("forward_ad", "fd"),
+    "meta.precision": ("same", "fp32"),
+    "meta.real_step": ("updated", "lagged"),
     "loss.cb_base": ("ce", "focal"),
     "train.loss": ("ce", "weighted_ce", "focal", "class_balanced", "ldam", "logit_adjusted",
                    "balanced_softmax", "meta"),
@@ -252,10 +260,24 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")
+    if cfg.train.loss == "meta" and cfg.meta.real_step == "lagged":
+        _validate_lagged(cfg)
     for dotted in ("train.epochs", "train.max_steps", "checkpoint.every_steps"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"config key '{dotted}': must be >= 0")
+
+
+def _validate_lagged(cfg: Config) -> None:
+    """meta.real_step=lagged reuses the virtual gradient as the real one: only equal with detached features, and
+    only handled without a GradScaler / DeepSpeed engine / separate fp32 look-ahead."""
+    m, t = cfg.meta, cfg.train
+    problems = [(m.lookahead != "exact", "meta.lookahead=exact"), (not m.detach_features, "meta.detach_features=true"),
+                (t.precision == "fp16", "train.precision fp32 or bf16"), (t.distributed == "deepspeed",
+                 "train.distributed=ddp"), (m.precision != "same", "meta.precision=same")]
+    needs = [need for bad, need in problems if bad]
+    if needs:
+        raise ConfigError(f"config key 'meta.real_step': lagged needs {', '.join(needs)}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

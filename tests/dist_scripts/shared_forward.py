@@ -5,7 +5,7 @@
 Also imported by tests/test_meta_shared_forward.py for the 1-process runs. Each rank draws its own train and meta
 batches (seeded by rank and step), so under DDP the ranks' virtual gradients differ and only the real step's
 gradient is averaged. OUT_DIR/rank{R}.pt: {case: {"shared": state, "two_forward": state}} with state = θ, BatchNorm
-buffers, θ's Adam state, φ, φ's Adam state.
+buffers, θ's Adam state, φ, φ's Adam state; and {case: {"lagged": state}} for the ``meta.real_step: lagged`` cases.
 """
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ CASES = {  # name -> meta config overrides
     "exact_batch_detached": {"granularity": "batch", "lookahead": "exact", "detach_features": True},
     "exact_sample_fd": {"granularity": "sample", "lookahead": "exact", "directional": "fd"},
     "head_class": {"granularity": "class", "lookahead": "head"},
+}
+LAGGED = {  # meta.real_step=lagged: compared with a by-hand reference in the test
+    "lagged_class": {"granularity": "class", "lookahead": "exact", "detach_features": True, "real_step": "lagged"},
+    "lagged_batch": {"granularity": "batch", "lookahead": "exact", "detach_features": True, "real_step": "lagged"},
 }
 
 
@@ -69,7 +73,7 @@ def run(meta: dict, share: bool, steps: int, rank: int, acc, every: int = 1) -> 
     runner = StepRunner(model=model, optimizer=optimizer, scheduler=scheduler,
                         loss_fn=build_loss("meta", cfg.loss, [1] * K, 1), reweighter=rw,
                         meta_stream=_Feed(batches(rank, steps, 6, salt=2)), accelerator=acc, cfg=cfg)
-    assert runner.share_forward == (share and meta["lookahead"] in ("exact", "head"))
+    assert runner.share_forward == ((share and meta["lookahead"] in ("exact", "head")) or runner.lagged)
     for s, batch in enumerate(batches(rank, steps, 8, salt=1)):
         runner(batch, s)
     net = acc.unwrap_model(model)
@@ -94,6 +98,7 @@ def main() -> int:
     rank = acc.process_index
     result = {name: {"shared": run(meta, True, steps, rank, acc), "two_forward": run(meta, False, steps, rank, acc)}
               for name, meta in CASES.items()}
+    result.update({name: {"lagged": run(meta, True, steps, rank, acc)} for name, meta in LAGGED.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"world": acc.num_processes, "cases": result}, out_dir / f"rank{rank}.pt")
     acc.end_training()

@@ -58,8 +58,15 @@ class StepRunner:
         self.bad_steps = torch.zeros_like(self.consecutive_bad)
         # DeepSpeed keeps the two-forward path: its engine's forward/backward have not been verified with a graph
         # that autograd.grad already walked (docs/PERFORMANCE.md)
+        # meta.precision=fp32 under a low-precision run: the look-ahead needs its own fp32 forward
+        self.meta_fp32 = reweighter is not None and reweighter.cfg.precision == "fp32"
         self.share_forward = (reweighter is not None and reweighter.shares_forward()
-                              and cfg.train.distributed != "deepspeed")
+                              and cfg.train.distributed != "deepspeed"
+                              and not (self.meta_fp32 and cfg.train.precision != "fp32"))
+        # meta.real_step=lagged: the real gradient IS the look-ahead's virtual gradient (weights of φ before its
+        # update, detached features): no real backward on meta steps; under DDP it is all-reduced here
+        self.lagged = reweighter is not None and reweighter.cfg.real_step == "lagged"
+        self.share_forward = self.share_forward or self.lagged
         self.head_fc = (final_linear(self.unwrapped) if self.share_forward and reweighter.cfg.lookahead == "head"
                         else None)
 
@@ -74,15 +81,29 @@ class StepRunner:
             images = images.to(self.input_dtype)  # DeepSpeed bf16 holds bf16 parameters: inputs must match
         return images, batch.labels.to(self.accelerator.device, non_blocking=True)
 
-    def _meta_step(self, x, y, train_losses=None, train_features=None) -> dict[str, torch.Tensor]:
+    def _set_real_gradient(self, grads) -> None:
+        """.grad = the rank-local virtual gradient, averaged over ranks (what DDP's backward would have done)."""
+        params = [p for p in self.unwrapped.parameters() if p.requires_grad]
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
+                torch.distributed.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            grads = torch.split(flat, [p.numel() for p in params])
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g.view_as(p)
+
+    def _meta_step(self, x, y, train_losses=None, train_features=None, virtual_out=None) -> dict[str, torch.Tensor]:
         xm, ym = self._to_device(next(self.meta_stream))
         rw = self.reweighter
         # α follows the classifier's live learning rate (warm-up, cosine, step) unless meta.lookahead_lr pins it
         alpha = rw.lookahead_lr(self.scheduler.get_last_lr()[0])
         grads = rw.meta_gradient(self.unwrapped, (x, y), (xm, ym), alpha,
-                                 optimizer=self.raw_optimizer, autocast=self.accelerator.autocast,
-                                 grad_scaler=self.accelerator.scaler, train_losses=train_losses,
-                                 train_features=train_features)
+                                 optimizer=self.raw_optimizer,
+                                 autocast=None if self.meta_fp32 else self.accelerator.autocast,
+                                 grad_scaler=None if self.meta_fp32 else self.accelerator.scaler,
+                                 train_losses=train_losses,
+                                 train_features=train_features, virtual_out=virtual_out)
         rw.update(grads)
         return {"meta_loss": rw.last_meta_loss.detach().float()}
 
@@ -102,20 +123,27 @@ class StepRunner:
         # half-precision logits are upcast; float64 ones (tests) stay float64 -- the shared meta step differentiates
         # these very losses, and the two-forward path computes them in the model's precision
         per_sample = self.loss_fn(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), y)
+        virtual = [] if shared and self.lagged else None
+        weights = None
+        if rw is not None and virtual is not None:
+            loss, weights = rw.weighted_loss(per_sample, y)  # φ before the meta update: what the virtual step used
         if shared:
             stats.update(self._meta_step(x, y, train_losses=None if capture else per_sample,
-                                         train_features=seen[-1] if capture else None))
+                                         train_features=seen[-1] if capture else None, virtual_out=virtual))
         plain = per_sample.mean()
-        weights = None
         if rw is not None:
-            loss, weights = rw.weighted_loss(per_sample, y)
+            if virtual is None:
+                loss, weights = rw.weighted_loss(per_sample, y)
             weights = weights.detach()
             stats.update(weighted_loss=loss.detach(), w_mean=weights.mean(), w_std=weights.std(unbiased=False),
                          w_min=weights.min(), w_max=weights.max())
         else:
             loss = plain
         stats["train_loss"] = plain.detach()
-        self.accelerator.backward(loss)
+        if virtual is not None:
+            self._set_real_gradient(virtual)
+        else:
+            self.accelerator.backward(loss)
         if self.cfg.train.grad_clip > 0 and self.cfg.train.distributed != "deepspeed":
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
         ok = torch.isfinite(loss.detach())

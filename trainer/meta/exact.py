@@ -135,13 +135,14 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
                         detach_features: bool, lookahead_optimizer: str = "sgd", optimizer=None,
                         directional: str = "forward_ad", fd_eps: float = 1e-3,
                         autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
-                        train_losses: Optional[torch.Tensor] = None,
+                        train_losses: Optional[torch.Tensor] = None, virtual_out: Optional[list] = None,
                         ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle.
 
     ``train_losses``: the per-sample train losses of the real step's own forward, graph attached (shared forward).
     Step 1 then takes the virtual gradient from that graph with ``retain_graph=True`` instead of running the
     network again; the caller back-propagates its real loss through the same graph afterwards.
+    ``virtual_out``: receives the virtual gradient ∇θ L_w (``meta.real_step: lagged`` uses it as the real one).
     """
     if directional not in ("forward_ad", "fd"):
         raise ValueError(f"meta.directional: {directional!r} is not one of forward_ad, fd")
@@ -173,6 +174,8 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
             weighted = weighting.weighted_sum(losses, y, detach_features) / losses.shape[0]
             grads = scale.grad(weighted, params, retain_graph=retain)
             del weighted
+        if virtual_out is not None:
+            virtual_out.extend(grads)
         # 2. look-ahead and the meta loss's gradient at θ'
         moved = sgd_lookahead(params, apply_preconditioner(grads, precond), lr)
         del grads

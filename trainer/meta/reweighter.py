@@ -41,6 +41,9 @@ def _validate(cfg: MetaConfig, num_classes: int) -> None:
         raise ConfigError(f"config key 'meta.hidden': need positive layer sizes, got {cfg.hidden}")
     if cfg.lr <= 0:
         raise ConfigError(f"config key 'meta.lr': must be > 0, got {cfg.lr}")
+    if cfg.real_step == "lagged" and (cfg.lookahead != "exact" or not cfg.detach_features):
+        raise ConfigError("config key 'meta.real_step': lagged needs meta.lookahead=exact and "
+                          "meta.detach_features=true (only then is the virtual gradient the real one)")
     if cfg.fd_eps <= 0:
         raise ConfigError(f"config key 'meta.fd_eps': must be > 0, got {cfg.fd_eps}")
 
@@ -98,13 +101,14 @@ class MetaReweighter:
 
     def meta_gradient(self, model: nn.Module, train_batch, meta_batch, lr, *, optimizer=None,
                       autocast: AutocastFactory = None, grad_scaler=None,
-                      train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None
-                      ) -> list[torch.Tensor]:
+                      train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None,
+                      virtual_out: Optional[list] = None) -> list[torch.Tensor]:
         """∇φ L_meta (list aligned with ``meta_net.parameters()``); model params/.grad/BN buffers untouched.
 
         Shared forward (``shares_forward()``): ``train_losses`` are the per-sample losses of the real step's own
         forward on ``train_batch`` with their graph (``exact`` takes the virtual gradient from it and leaves it
         alive for the real backward); ``train_features`` the fc input captured in that forward (``head``).
+        ``virtual_out`` (``exact``): receives the rank-local virtual gradient ∇θ L_w(θ, φ before this update).
 
         ``optimizer``: the live θ optimiser (for ``lookahead_optimizer: adam``). ``autocast``: a context-manager
         factory for the network forwards. ``grad_scaler``: fp16 -- the virtual losses are scaled by its current
@@ -121,7 +125,7 @@ class MetaReweighter:
         if mode == "exact":
             grads, meta_loss = exact_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                    directional=self.cfg.directional, fd_eps=self.cfg.fd_eps,
-                                                   train_losses=train_losses, **common)
+                                                   train_losses=train_losses, virtual_out=virtual_out, **common)
         elif mode == "second_order":
             grads, meta_loss = second_order_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                           **common)
