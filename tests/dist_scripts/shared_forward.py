@@ -74,6 +74,9 @@ def run(meta: dict, share: bool, steps: int, rank: int, acc, every: int = 1) -> 
                         loss_fn=build_loss("meta", cfg.loss, [1] * K, 1), reweighter=rw,
                         meta_stream=_Feed(batches(rank, steps, 6, salt=2)), accelerator=acc, cfg=cfg)
     assert runner.share_forward == ((share and meta["lookahead"] in ("exact", "head")) or runner.lagged)
+    # batch granularity + detached features: the real gradient is the rescaled ∇mean(ℓ), no backward of its own
+    assert runner.rescale == (runner.share_forward and not runner.lagged and meta["lookahead"] == "exact"
+                              and meta["granularity"] == "batch" and meta.get("detach_features", False))
     for s, batch in enumerate(batches(rank, steps, 8, salt=1)):
         runner(batch, s)
     net = acc.unwrap_model(model)

@@ -67,6 +67,10 @@ class StepRunner:
         # update, detached features): no real backward on meta steps; under DDP it is all-reduced here
         self.lagged = reweighter is not None and reweighter.cfg.real_step == "lagged"
         self.share_forward = self.share_forward or self.lagged
+        # exact + batch granularity + detached features: the real gradient is w_new·∇θ mean(ℓ), which the shared
+        # meta step has already computed; no real backward either (exact, not lagged). Not with a GradScaler.
+        self.rescale = (self.share_forward and not self.lagged and reweighter.rescales_mean_gradient()
+                        and accelerator.scaler is None)
         self.head_fc = (final_linear(self.unwrapped) if self.share_forward and reweighter.cfg.lookahead == "head"
                         else None)
 
@@ -93,7 +97,8 @@ class StepRunner:
         for p, g in zip(params, grads, strict=True):
             p.grad = g.view_as(p)
 
-    def _meta_step(self, x, y, train_losses=None, train_features=None, virtual_out=None) -> dict[str, torch.Tensor]:
+    def _meta_step(self, x, y, train_losses=None, train_features=None, virtual_out=None,
+                   mean_grad_out=None) -> dict[str, torch.Tensor]:
         xm, ym = self._to_device(next(self.meta_stream))
         rw = self.reweighter
         # α follows the classifier's live learning rate (warm-up, cosine, step) unless meta.lookahead_lr pins it
@@ -103,7 +108,8 @@ class StepRunner:
                                  autocast=None if self.meta_fp32 else self.accelerator.autocast,
                                  grad_scaler=None if self.meta_fp32 else self.accelerator.scaler,
                                  train_losses=train_losses,
-                                 train_features=train_features, virtual_out=virtual_out)
+                                 train_features=train_features, virtual_out=virtual_out,
+                                 mean_grad_out=mean_grad_out)
         rw.update(grads)
         return {"meta_loss": rw.last_meta_loss.detach().float()}
 
@@ -124,12 +130,14 @@ class StepRunner:
         # these very losses, and the two-forward path computes them in the model's precision
         per_sample = self.loss_fn(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), y)
         virtual = [] if shared and self.lagged else None
+        mean_grad = [] if shared and self.rescale else None
         weights = None
         if rw is not None and virtual is not None:
             loss, weights = rw.weighted_loss(per_sample, y)  # φ before the meta update: what the virtual step used
         if shared:
             stats.update(self._meta_step(x, y, train_losses=None if capture else per_sample,
-                                         train_features=seen[-1] if capture else None, virtual_out=virtual))
+                                         train_features=seen[-1] if capture else None, virtual_out=virtual,
+                                         mean_grad_out=mean_grad))
         plain = per_sample.mean()
         if rw is not None:
             if virtual is None:
@@ -142,6 +150,9 @@ class StepRunner:
         stats["train_loss"] = plain.detach()
         if virtual is not None:
             self._set_real_gradient(virtual)
+        elif mean_grad is not None:
+            w = weights[0].to(mean_grad[0].dtype)  # one weight for the whole batch (new φ, constant)
+            self._set_real_gradient(torch._foreach_mul(mean_grad, w))
         else:
             self.accelerator.backward(loss)
         if self.cfg.train.grad_clip > 0 and self.cfg.train.distributed != "deepspeed":

@@ -136,13 +136,15 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
                         directional: str = "forward_ad", fd_eps: float = 1e-3,
                         autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
                         train_losses: Optional[torch.Tensor] = None, virtual_out: Optional[list] = None,
-                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                        mean_grad_out: Optional[list] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle.
 
     ``train_losses``: the per-sample train losses of the real step's own forward, graph attached (shared forward).
     Step 1 then takes the virtual gradient from that graph with ``retain_graph=True`` instead of running the
     network again; the caller back-propagates its real loss through the same graph afterwards.
     ``virtual_out``: receives the virtual gradient ∇θ L_w (``meta.real_step: lagged`` uses it as the real one).
+    ``mean_grad_out``: batch granularity + detached features only, receives ∇θ mean(ℓ): the real step's gradient is
+    then w_new·∇θ mean(ℓ) exactly, with no backward of its own.
     """
     if directional not in ("forward_ad", "fd"):
         raise ValueError(f"meta.directional: {directional!r} is not one of forward_ad, fd")
@@ -167,6 +169,8 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
             losses = train_losses
         if shared_weight:
             mean_grads = scale.grad(losses.mean(), params, retain_graph=retain)
+            if mean_grad_out is not None:
+                mean_grad_out.extend(mean_grads)
             with torch.no_grad():
                 w = weighting.coefficients(weighting.to_meta(losses.detach()), y)[0]
                 grads = [g * w.to(g.dtype) for g in mean_grads]

@@ -94,6 +94,11 @@ class MetaReweighter:
             self.to(t.device)
 
     # ------------------------------------------------------------------------------------------------ meta step
+    def rescales_mean_gradient(self) -> bool:
+        """``exact``, batch granularity, detached features: every sample has the same weight w and w does not depend
+        on θ, so the real gradient is w_new·∇θ mean(ℓ) -- a rescale of the gradient the look-ahead already took."""
+        return self.cfg.lookahead == "exact" and self.cfg.granularity == "batch" and self.cfg.detach_features
+
     def shares_forward(self) -> bool:
         """Whether the meta step can reuse the real step's forward (``meta.share_forward``; ``exact`` and ``head``;
         ``second_order`` stays on its own forward: it is the independent oracle)."""
@@ -102,13 +107,15 @@ class MetaReweighter:
     def meta_gradient(self, model: nn.Module, train_batch, meta_batch, lr, *, optimizer=None,
                       autocast: AutocastFactory = None, grad_scaler=None,
                       train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None,
-                      virtual_out: Optional[list] = None) -> list[torch.Tensor]:
+                      virtual_out: Optional[list] = None, mean_grad_out: Optional[list] = None
+                      ) -> list[torch.Tensor]:
         """∇φ L_meta (list aligned with ``meta_net.parameters()``); model params/.grad/BN buffers untouched.
 
         Shared forward (``shares_forward()``): ``train_losses`` are the per-sample losses of the real step's own
         forward on ``train_batch`` with their graph (``exact`` takes the virtual gradient from it and leaves it
         alive for the real backward); ``train_features`` the fc input captured in that forward (``head``).
-        ``virtual_out`` (``exact``): receives the rank-local virtual gradient ∇θ L_w(θ, φ before this update).
+        ``virtual_out`` (``exact``): receives the rank-local virtual gradient ∇θ L_w(θ, φ before this update);
+        ``mean_grad_out`` (``exact``, batch granularity, detached features): receives ∇θ mean(ℓ).
 
         ``optimizer``: the live θ optimiser (for ``lookahead_optimizer: adam``). ``autocast``: a context-manager
         factory for the network forwards. ``grad_scaler``: fp16 -- the virtual losses are scaled by its current
@@ -125,7 +132,8 @@ class MetaReweighter:
         if mode == "exact":
             grads, meta_loss = exact_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                    directional=self.cfg.directional, fd_eps=self.cfg.fd_eps,
-                                                   train_losses=train_losses, virtual_out=virtual_out, **common)
+                                                   train_losses=train_losses, virtual_out=virtual_out,
+                                                   mean_grad_out=mean_grad_out, **common)
         elif mode == "second_order":
             grads, meta_loss = second_order_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                           **common)
