@@ -40,7 +40,8 @@ MODES: dict[str, dict] = {
     "exact_fd": {"meta.lookahead": "exact", "meta.directional": "fd"},
     "exact_unshared": {"meta.lookahead": "exact", "meta.share_forward": False},
     "head_unshared": {"meta.lookahead": "head", "meta.share_forward": False},
-    "exact_lag": {"meta.lookahead": "exact", "meta.real_step": "lookahead"},
+    "exact_detached": {"meta.lookahead": "exact", "meta.detach_features": True},
+    "exact_lag": {"meta.lookahead": "exact", "meta.detach_features": True, "meta.real_step": "lagged"},
     "second_order": {"meta.lookahead": "second_order"},
 }
 
