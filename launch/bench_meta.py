@@ -202,11 +202,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every mode, e.g. --set meta.granularity=class --set train.precision=bf16")
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="= --set train.precision=...")
+    ap.add_argument("--granularity", choices=["batch", "class", "sample"], help="= --set meta.granularity=...")
+    ap.add_argument("--detach-features", action="store_true", help="= --set meta.detach_features=true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--memory", action="store_true", help="also report each mode's peak memory (one process each)")
     ap.add_argument("--peak-of", default="", help=argparse.SUPPRESS)
     ap.add_argument("--verbose", action="store_true", help="print every cycle's time")
     args = ap.parse_args(argv)
+    args.set += [f"train.precision={args.precision}"] * bool(args.precision)
+    args.set += [f"meta.granularity={args.granularity}"] * bool(args.granularity)
+    args.set += ["meta.detach_features=true"] * args.detach_features
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.peak_of:
