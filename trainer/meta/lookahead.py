@@ -3,7 +3,9 @@
 Conventions used by ``second_order.py``, ``exact.py`` and ``head.py``:
 
 * the virtual step runs on the *unwrapped* module (DDP / DeepSpeed / torch.compile wrappers removed): it uses the
-  rank-local gradient, and a backward through a DDP wrapper would start gradient all-reduces;
+  rank-local gradient, and a backward through a DDP wrapper would start gradient all-reduces. (With the shared
+  forward, steps.py, the train batch's graph comes from the wrapper's forward; ``autograd.grad`` runs no reducer
+  hook, so that gradient is rank-local too);
 * the model is used in whatever mode the caller left it (the trainer calls in train mode, so BatchNorm uses batch
   statistics); ``frozen_batchnorm`` stops those virtual forwards from touching running_mean / running_var /
   num_batches_tracked, so the real step later updates them exactly once, as a plain step would;
