@@ -42,6 +42,8 @@ MODES: dict[str, dict] = {
     "head_unshared": {"meta.lookahead": "head", "meta.share_forward": False},
     "exact_detached": {"meta.lookahead": "exact", "meta.detach_features": True},
     "exact_lag": {"meta.lookahead": "exact", "meta.detach_features": True, "meta.real_step": "lagged"},
+    "exact_fp32": {"meta.lookahead": "exact", "meta.precision": "fp32"},
+    "head_fp32": {"meta.lookahead": "head", "meta.precision": "fp32"},
     "second_order": {"meta.lookahead": "second_order"},
 }
 
