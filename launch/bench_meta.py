@@ -39,6 +39,7 @@ MODES: dict[str, dict] = {
     "exact_every4": {"meta.lookahead": "exact", "meta.every": 4},
     "exact_fd": {"meta.lookahead": "exact", "meta.directional": "fd"},
     "exact_unshared": {"meta.lookahead": "exact", "meta.share_forward": False},
+    "exact_dualpass": {"meta.lookahead": "exact", "meta.reuse_activations": False},
     "head_unshared": {"meta.lookahead": "head", "meta.share_forward": False},
     "exact_detached": {"meta.lookahead": "exact", "meta.detach_features": True},
     "exact_lag": {"meta.lookahead": "exact", "meta.detach_features": True, "meta.real_step": "lagged"},

@@ -98,6 +98,9 @@ class MetaConfig:
     # exact/head: reuse the real step's forward of the train batch (one forward per step); false = a separate
     # forward in the meta step (lower peak memory: the train activations are not held through the look-ahead)
     share_forward: bool = True
+    # exact/forward_ad with the shared forward on a ResNet/TinyCNN: push only tangents through the saved activations
+    # instead of a whole dual-number forward (same value, ~one forward cheaper; trainer/meta/tangents.py)
+    reuse_activations: bool = True
     # same | fp32: precision of the look-ahead passes. "same" = the run's train.precision (autocast), "fp32" = the
     # meta step without autocast (its own fp32 forward then: the shared forward is low precision); docs/PERFORMANCE.md
     precision: str = "same"

@@ -77,6 +77,10 @@ def run(meta: dict, share: bool, steps: int, rank: int, acc, every: int = 1) -> 
     # batch granularity + detached features: the real gradient is the rescaled ∇mean(ℓ), no backward of its own
     assert runner.rescale == (runner.share_forward and not runner.lagged and meta["lookahead"] == "exact"
                               and meta["granularity"] == "batch" and meta.get("detach_features", False))
+    # exact + forward_ad with the shared forward: tangents through the saved activations (vs a dual forward)
+    assert runner.record == (runner.share_forward and not runner.rescale and meta["lookahead"] == "exact"
+                             and meta.get("directional", "forward_ad") == "forward_ad"
+                             and not (meta["granularity"] == "batch" and meta.get("detach_features", False)))
     for s, batch in enumerate(batches(rank, steps, 8, salt=1)):
         runner(batch, s)
     net = acc.unwrap_model(model)

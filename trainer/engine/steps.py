@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.meta.head import captured_fc_input, final_linear
+from trainer.meta.tangents import ActivationRecorder, supports_saved_tangents
 
 
 @dataclass
@@ -71,6 +72,12 @@ class StepRunner:
         # meta step has already computed; no real backward either (exact, not lagged). Not with a GradScaler.
         self.rescale = (self.share_forward and not self.lagged and reweighter.rescales_mean_gradient()
                         and accelerator.scaler is None)
+        # exact's directional derivatives from the shared forward's activations (not under torch.compile: hooks on
+        # every leaf module would break its graph)
+        self.record = (self.share_forward and not self.rescale and reweighter.cfg.lookahead == "exact"
+                       and reweighter.cfg.directional == "forward_ad" and reweighter.cfg.reuse_activations
+                       and not (reweighter.cfg.granularity == "batch" and reweighter.cfg.detach_features)
+                       and not cfg.model.compile and supports_saved_tangents(self.unwrapped))
         self.head_fc = (final_linear(self.unwrapped) if self.share_forward and reweighter.cfg.lookahead == "head"
                         else None)
 
@@ -98,7 +105,7 @@ class StepRunner:
             p.grad = g.view_as(p)
 
     def _meta_step(self, x, y, train_losses=None, train_features=None, virtual_out=None,
-                   mean_grad_out=None) -> dict[str, torch.Tensor]:
+                   mean_grad_out=None, saved=None) -> dict[str, torch.Tensor]:
         xm, ym = self._to_device(next(self.meta_stream))
         rw = self.reweighter
         # α follows the classifier's live learning rate (warm-up, cosine, step) unless meta.lookahead_lr pins it
@@ -109,7 +116,7 @@ class StepRunner:
                                  grad_scaler=None if self.meta_fp32 else self.accelerator.scaler,
                                  train_losses=train_losses,
                                  train_features=train_features, virtual_out=virtual_out,
-                                 mean_grad_out=mean_grad_out)
+                                 mean_grad_out=mean_grad_out, saved_activations=saved)
         rw.update(grads)
         return {"meta_loss": rw.last_meta_loss.detach().float()}
 
@@ -124,7 +131,9 @@ class StepRunner:
         buffers = [b for b in self.unwrapped.buffers() if b.is_floating_point()]
         saved = [b.clone() for b in buffers] if self.device_skip else None  # BN stats: small, restored if bad
         capture = shared and self.head_fc is not None
-        with captured_fc_input(self.head_fc) if capture else contextlib.nullcontext() as seen:
+        recorder = ActivationRecorder(self.unwrapped) if shared and self.record else None
+        with captured_fc_input(self.head_fc) if capture else contextlib.nullcontext() as seen, \
+                recorder if recorder is not None else contextlib.nullcontext():
             logits = self.model(x)  # Accelerate's prepared forward already runs under autocast
         # half-precision logits are upcast; float64 ones (tests) stay float64 -- the shared meta step differentiates
         # these very losses, and the two-forward path computes them in the model's precision
@@ -137,7 +146,8 @@ class StepRunner:
         if shared:
             stats.update(self._meta_step(x, y, train_losses=None if capture else per_sample,
                                          train_features=seen[-1] if capture else None, virtual_out=virtual,
-                                         mean_grad_out=mean_grad))
+                                         mean_grad_out=mean_grad, saved=recorder))
+            recorder = None  # the saved activations belong to the graph the real backward frees
         plain = per_sample.mean()
         if rw is not None:
             if virtual is None:

@@ -136,7 +136,7 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
                         directional: str = "forward_ad", fd_eps: float = 1e-3,
                         autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
                         train_losses: Optional[torch.Tensor] = None, virtual_out: Optional[list] = None,
-                        mean_grad_out: Optional[list] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                        mean_grad_out: Optional[list] = None, saved=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle.
 
     ``train_losses``: the per-sample train losses of the real step's own forward, graph attached (shared forward).
@@ -145,6 +145,8 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     ``virtual_out``: receives the virtual gradient ∇θ L_w (``meta.real_step: lagged`` uses it as the real one).
     ``mean_grad_out``: batch granularity + detached features only, receives ∇θ mean(ℓ): the real step's gradient is
     then w_new·∇θ mean(ℓ) exactly, with no backward of its own.
+    ``saved``: a ``tangents.ActivationRecorder`` that watched the shared forward; step 3 then pushes only tangents
+    through the saved activations instead of a full dual-number forward (same value, about one forward cheaper).
     """
     if directional not in ("forward_ad", "fd"):
         raise ValueError(f"meta.directional: {directional!r} is not one of forward_ad, fd")
@@ -189,6 +191,10 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
         # 3. directional derivatives of the per-sample train losses along v
         if shared_weight:
             d = _dot(v, mean_grads).to(losses.dtype).expand(losses.shape[0])
+        elif directional == "forward_ad" and saved is not None:
+            direction, norm = _unit_direction(v)
+            d = saved.directional(params, direction, y, autocast)
+            d = d * norm.to(d.dtype)
         elif directional == "forward_ad":
             d = directional_forward_ad(module, names, params, v, x, y, autocast)
         else:

@@ -107,8 +107,8 @@ class MetaReweighter:
     def meta_gradient(self, model: nn.Module, train_batch, meta_batch, lr, *, optimizer=None,
                       autocast: AutocastFactory = None, grad_scaler=None,
                       train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None,
-                      virtual_out: Optional[list] = None, mean_grad_out: Optional[list] = None
-                      ) -> list[torch.Tensor]:
+                      virtual_out: Optional[list] = None, mean_grad_out: Optional[list] = None,
+                      saved_activations=None) -> list[torch.Tensor]:
         """∇φ L_meta (list aligned with ``meta_net.parameters()``); model params/.grad/BN buffers untouched.
 
         Shared forward (``shares_forward()``): ``train_losses`` are the per-sample losses of the real step's own
@@ -116,6 +116,7 @@ class MetaReweighter:
         alive for the real backward); ``train_features`` the fc input captured in that forward (``head``).
         ``virtual_out`` (``exact``): receives the rank-local virtual gradient ∇θ L_w(θ, φ before this update);
         ``mean_grad_out`` (``exact``, batch granularity, detached features): receives ∇θ mean(ℓ).
+        ``saved_activations`` (``exact``, forward_ad): a ``tangents.ActivationRecorder`` of the shared forward.
 
         ``optimizer``: the live θ optimiser (for ``lookahead_optimizer: adam``). ``autocast``: a context-manager
         factory for the network forwards. ``grad_scaler``: fp16 -- the virtual losses are scaled by its current
@@ -133,7 +134,8 @@ class MetaReweighter:
             grads, meta_loss = exact_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                    directional=self.cfg.directional, fd_eps=self.cfg.fd_eps,
                                                    train_losses=train_losses, virtual_out=virtual_out,
-                                                   mean_grad_out=mean_grad_out, **common)
+                                                   mean_grad_out=mean_grad_out, saved=saved_activations,
+                                                   **common)
         elif mode == "second_order":
             grads, meta_loss = second_order_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
                                                           **common)
