@@ -277,7 +277,8 @@ def _validate_lagged(cfg: Config) -> None:
     m, t = cfg.meta, cfg.train
     problems = [(m.lookahead != "exact", "meta.lookahead=exact"), (not m.detach_features, "meta.detach_features=true"),
                 (t.precision == "fp16", "train.precision fp32 or bf16"), (t.distributed == "deepspeed",
-                 "train.distributed=ddp"), (m.precision != "same", "meta.precision=same")]
+                 "train.distributed=ddp"), (m.precision != "same", "meta.precision=same"),
+                (cfg.model.compile, "model.compile=false")]
     needs = [need for bad, need in problems if bad]
     if needs:
         raise ConfigError(f"config key 'meta.real_step': lagged needs {', '.join(needs)}")

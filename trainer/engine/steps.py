@@ -58,11 +58,13 @@ class StepRunner:
         self.max_consecutive_bad = torch.zeros_like(self.consecutive_bad)
         self.bad_steps = torch.zeros_like(self.consecutive_bad)
         # DeepSpeed keeps the two-forward path: its engine's forward/backward have not been verified with a graph
-        # that autograd.grad already walked (docs/PERFORMANCE.md)
+        # that autograd.grad already walked (docs/PERFORMANCE.md).
         # meta.precision=fp32 under a low-precision run: the look-ahead needs its own fp32 forward
         self.meta_fp32 = reweighter is not None and reweighter.cfg.precision == "fp32"
+        # model.compile keeps it too: AOTAutograd's compiled backward donates its buffers and refuses the
+        # retain_graph=True the shared virtual gradient needs (torch._functorch.config.donated_buffer; not verified)
         self.share_forward = (reweighter is not None and reweighter.shares_forward()
-                              and cfg.train.distributed != "deepspeed"
+                              and cfg.train.distributed != "deepspeed" and not cfg.model.compile
                               and not (self.meta_fp32 and cfg.train.precision != "fp32"))
         # meta.real_step=lagged: the real gradient IS the look-ahead's virtual gradient (weights of φ before its
         # update, detached features): no real backward on meta steps; under DDP it is all-reduced here
