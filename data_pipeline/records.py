@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 # Grade names for the 5-class diabetic-retinopathy scale (APTOS/EyePACS/DDR/IDRiD/Messidor-2 all use 0..4).
 DR_GRADES = ("0_none", "1_mild", "2_moderate", "3_severe", "4_proliferative")
+# APTOS 2019 training-set grade counts (3,662 images): the class mix of every synthetic table and image set.
+APTOS_COUNTS = (1805, 370, 999, 193, 295)
 
 
 def class_names(num_classes: int) -> list[str]:

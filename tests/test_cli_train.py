@@ -133,14 +133,15 @@ def test_dali_on_a_raw_layout_is_refused_with_the_prepare_command(synth_dir, tmp
 def test_auto_backend_picks_dali_for_a_prepared_dir(synth_dir, tmp_path):
     pytest.importorskip("nvidia.dali")
     from data_pipeline.factory import resolve_backend
+    from data_pipeline.settings import DataSettings
     from trainer.config import config_from_dict
 
     prepared = tmp_path / "prepared"
     run_cli("-m", "launch.cli", "prepare", "--dataset", "aptos", "--src", str(synth_dir), "--out", str(prepared),
             "--size", "48", "--workers", "1", "--quiet")
     cfg = config_from_dict({"data": {"root": str(prepared)}})  # format and backend left on auto
-    assert resolve_backend(cfg) == "dali"
-    assert resolve_backend(config_from_dict({"data": {"root": str(synth_dir)}})) == "torch"
+    assert resolve_backend(DataSettings.from_config(cfg)) == "dali"
+    assert resolve_backend(DataSettings.from_config(config_from_dict({"data": {"root": str(synth_dir)}}))) == "torch"
 
 
 def test_metaloss_train_takes_options_between_overrides(synth_dir, tmp_path):

@@ -7,7 +7,9 @@ import torch
 pytest.importorskip("nvidia.dali")
 
 from data_pipeline.backends.dali.streams import (DaliEvalStream, DaliMetaStream, DaliReaderMetaStream,  # noqa: E402
-                                        DaliReaderTrainStream, DaliTrainStream, build_dali_streams, epoch_order)
+                                                 DaliReaderTrainStream, DaliTrainStream, build_dali_streams)
+from data_pipeline.settings import DataSettings  # noqa: E402
+from data_pipeline.sharding import epoch_order  # noqa: E402
 from data_pipeline.backends.dali.pipelines import AugmentSpec, PipelineSpec  # noqa: E402
 from data_pipeline.records import DataError, Record  # noqa: E402
 from data_pipeline.factory import build_streams  # noqa: E402
@@ -210,7 +212,7 @@ def test_build_dali_streams_from_config(records, sharding, train_cls, meta_cls):
     cfg = config_from_dict({"data": data, "train": {"batch_size": 4, "eval_batch_size": 6, "seed": 3, "cpu": True},
                             "meta": {"meta_batch_size": 2, "seed_offset": 10}})
     splits = {"train": records[:14], "meta": records[14:19], "test": records[19:]}
-    streams = build_dali_streams(cfg, splits, 0, 1)
+    streams = build_dali_streams(DataSettings.from_config(cfg), splits, 0, 1)
     assert type(streams.train) is train_cls and type(streams.meta) is meta_cls
     assert len(streams.train) == 14 // 4
     b = next(iter(streams.train))
@@ -220,7 +222,7 @@ def test_build_dali_streams_from_config(records, sharding, train_cls, meta_cls):
     cfg.train.batch_size = 64
     cfg.data.backend = "dali"
     with pytest.raises(DataError, match="fewer than one batch"):  # the factory refuses it for every backend
-        build_streams(cfg, splits, 0, 1)
+        build_streams(DataSettings.from_config(cfg), splits, 0, 1)
 
 
 def test_unreadable_image_is_named(records, tmp_path):
@@ -239,10 +241,10 @@ def test_unreadable_image_is_named(records, tmp_path):
 def test_device_resolution_honours_cpu_requests():
     from data_pipeline.backends.dali.streams import resolve_device_id
     cfg = config_from_dict({"train": {"cpu": True}})
-    assert resolve_device_id(cfg, None) is None
-    assert resolve_device_id(config_from_dict({}), torch.device("cpu")) is None
+    assert resolve_device_id(DataSettings.from_config(cfg), None) is None
+    assert resolve_device_id(DataSettings(), torch.device("cpu")) is None
     if not torch.cuda.is_available():
-        assert resolve_device_id(config_from_dict({}), None) is None
+        assert resolve_device_id(DataSettings(), None) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (mixed nvJPEG decode)")

@@ -122,14 +122,16 @@ def meta_config(data_dir: Path):
 
 def meta_problem(data_dir: Path, rank: int, world: int):
     """(cfg, float64 TinyCNN in train mode, this rank's streams): identical on every rank but for the shards."""
-    from data_pipeline.splits import make_splits
+    from data_pipeline.dataset import load_records
     from data_pipeline.factory import build_streams
+    from data_pipeline.settings import DataSettings
+    from data_pipeline.splits import make_splits
     from trainer.components.models import build_model
-    from trainer.engine.run_dir import load_records
 
     cfg = meta_config(data_dir)
-    splits = make_splits(load_records(cfg), cfg.data.split_fractions, cfg.train.seed, cfg.model.num_classes)
-    streams = build_streams(cfg, splits, rank, world)
+    data = DataSettings.from_config(cfg)
+    splits = make_splits(load_records(data), cfg.data.split_fractions, cfg.train.seed, cfg.model.num_classes)
+    streams = build_streams(data, splits, rank, world)
     streams.train.set_epoch(0)
     torch.manual_seed(0)
     model = build_model(cfg.model).double().train()
