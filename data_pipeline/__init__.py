@@ -21,7 +21,8 @@ _EXPORTS = {
     "build_streams": "data_pipeline.factory", "resolve_backend": "data_pipeline.factory",
     "Record": "data_pipeline.records", "DataError": "data_pipeline.records",
     "class_names": "data_pipeline.records",
-    "load_records": "data_pipeline.dataset", "read_dataset": "data_pipeline.readers", "detect_format": "data_pipeline.readers",
+    "load_records": "data_pipeline.dataset",
+    "read_dataset": "data_pipeline.readers", "detect_format": "data_pipeline.readers",
     "load_or_make_splits": "data_pipeline.splits", "make_splits": "data_pipeline.splits",
 }
 __all__ = sorted(_EXPORTS)

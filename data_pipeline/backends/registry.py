@@ -7,8 +7,8 @@ choices, its validation and the factory follow from this table. Torch-free on pu
 from __future__ import annotations
 
 BACKENDS: dict[str, str] = {
-    "torch": "data_pipeline.backends.torch_backend:build_torch_streams",
     "dali": "data_pipeline.backends.dali.streams:build_dali_streams",
+    "torch": "data_pipeline.backends.torch_backend:build_torch_streams",
     "synthetic": "data_pipeline.backends.synthetic:build_synthetic_streams",
 }
 
