@@ -18,9 +18,10 @@ from data_pipeline.backends.registry import BACKENDS, DALI_SHARDING
 from data_pipeline.readers.registry import FORMATS
 from trainer.components.loss_registry import LOSSES
 from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS
+from common.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem a user can fix: names the dotted key (and the file when there is one)."""
 
 

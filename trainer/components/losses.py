@@ -33,12 +33,13 @@ from torch import nn
 
 from common.registry import load
 from trainer.components.loss_registry import LOSSES
+from common.errors import UserError
 
 LOSS_NAMES = tuple(LOSSES)
 DRW_BETA = 0.9999
 
 
-class LossError(ValueError):
+class LossError(UserError, ValueError):
     """A loss configuration a user can fix (unknown name, bad class counts, bad hyper-parameter)."""
 
 

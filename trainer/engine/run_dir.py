@@ -14,13 +14,14 @@ from data_pipeline.settings import DataSettings
 from data_pipeline.splits import load_or_make_splits
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
+from common.errors import UserError
 
 # Keys that change what is trained on or what is being trained: a resume that changes them is refused.
 RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size", "model.", "meta.",
                   "train.loss", "train.seed", "train.batch_size")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """The run dir cannot be used as asked (exists without --overwrite/--resume, or config changed on resume)."""
 
 

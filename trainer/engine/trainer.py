@@ -28,11 +28,12 @@ from trainer.components.optim import build_optimizer, build_scheduler
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training stopped on purpose (too many bad steps); the last good state was checkpointed."""
 
 
