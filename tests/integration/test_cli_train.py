@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_overrides
+from tests.support.cli import run_cli, tiny_overrides
 
 K = 5
 

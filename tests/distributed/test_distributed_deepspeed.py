@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from dist_scripts.dist_helpers import SCRIPTS, python, torchrun
+from tests.support.cli import tiny_overrides
+from tests.support.dist import SCRIPTS, python, torchrun
 from trainer.engine.accel import build_accelerator
 from trainer.engine.checkpoint import list_checkpoints
 from trainer.config import ConfigError, load_config

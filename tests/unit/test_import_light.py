@@ -4,7 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import REPO
+from tests.support.cli import REPO
 
 
 def _modules_after(code: str) -> set[str]:

@@ -9,7 +9,7 @@ pytest.importorskip("nvidia.dali")
 from data_pipeline.backends.dali.streams import DaliReaderMetaStream, DaliReaderTrainStream  # noqa: E402
 from data_pipeline.backends.dali.pipelines import AugmentSpec, explain_failure, shard_sizes  # noqa: E402
 from data_pipeline.records import DataError, Record  # noqa: E402
-from dali_fixtures import S, _spec  # noqa: E402
+from tests.support.dali_fixtures import S, _spec  # noqa: E402
 
 
 def _ids(batches) -> list[int]:

@@ -1,4 +1,4 @@
-"""Bad input in every layout (tests/bad_corpus.py): the reader names every bad row, `prepare` converts what it can
+"""Bad input in every layout (tests/support/bad_corpus.py): the reader names every bad row, `prepare` converts what it can
 and quarantines the rest with a reason, nothing ends in a worker traceback, and the rest of the data set is used."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bad_corpus import LAYOUTS, make_bad_corpus, make_empty_label_file, make_singleton_class
-from conftest import run_cli
+from tests.support.bad_corpus import LAYOUTS, make_bad_corpus, make_empty_label_file, make_singleton_class
+from tests.support.cli import run_cli
 from data_pipeline.readers import read_dataset, read_dataset_report
 from data_pipeline.records import DataError
 from data_pipeline.splits import make_splits

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from bad_corpus import LAYOUTS, make_bad_corpus, make_singleton_class
-from conftest import run_cli, tiny_overrides
+from tests.support.bad_corpus import LAYOUTS, make_bad_corpus, make_singleton_class
+from tests.support.cli import run_cli, tiny_overrides
 from data_pipeline.records import DataError
 from data_pipeline.backends.torch_backend import load_rgb
 from launch.errors import user_message

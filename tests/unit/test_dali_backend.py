@@ -15,7 +15,7 @@ from data_pipeline.records import DataError, Record  # noqa: E402
 from data_pipeline.factory import build_streams  # noqa: E402
 from trainer.config import config_from_dict  # noqa: E402
 
-from dali_fixtures import S, MEAN, STD, _spec, _reference, _eval_images, _to_255  # noqa: E402
+from tests.support.dali_fixtures import S, MEAN, STD, _spec, _reference, _eval_images, _to_255  # noqa: E402
 
 
 def test_eval_matches_torch_eval_transform(records):

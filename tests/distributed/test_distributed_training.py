@@ -19,10 +19,10 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_overrides
-from dist_scripts.dist_helpers import (REPO, SCRIPTS, accelerate_launch, assert_same_tensors, checkpoint_tensors,
-                                       comparable_metrics, final_checkpoint, free_port, python, subprocess_env,
-                                       torchrun)
+from tests.support.cli import tiny_overrides
+from tests.support.dist import (REPO, SCRIPTS, accelerate_launch, assert_same_tensors, checkpoint_tensors,
+                               comparable_metrics, final_checkpoint, free_port, python, subprocess_env,
+                               torchrun)
 from trainer.engine.checkpoint import list_checkpoints
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

@@ -5,7 +5,7 @@ import errno
 import pytest
 from accelerate.state import AcceleratorState
 
-from conftest import run_cli, tiny_overrides
+from tests.support.cli import run_cli, tiny_overrides
 from trainer.engine.checkpoint import CheckpointError, list_checkpoints
 from trainer.config import load_config
 from trainer.engine.trainer import Trainer

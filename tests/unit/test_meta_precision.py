@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meta_oracles import K, flat, rel_err, single_thread
+from tests.support.meta_oracles import K, flat, rel_err, single_thread
 from trainer.meta import MetaReweighter
 from trainer.components.models import TinyCNN
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli
+from tests.support.cli import REPO, run_cli
 from data_pipeline.synth import generate_synthetic
 
 _SITECUSTOMIZE = textwrap.dedent('''

@@ -1,14 +1,23 @@
-"""φ under two ranks (gloo, float64): broadcast at start, all-reduced mean of ∇φ, identical φ + Adam state after.
+"""The meta step on two real ranks (torchrun, gloo): φ is replicated, not DDP-wrapped, and must stay bit-identical.
 
-DESIGN.md "Distributed": φ is replicated, not DDP-wrapped; each rank computes ∇φ on its own train and meta shard;
-``MetaReweighter.update`` all-reduces (mean) before the Adam step. The oracle is the single-process meta-gradient
-on each shard, recomputed here in this process from the same split, the same shard and the same φ.
+DESIGN.md "Distributed": each rank computes ∇φ on its own train and meta shard; ``MetaReweighter.update``
+all-reduces (mean) before the Adam step; ``broadcast_from(0)`` makes the start identical; an fp16 overflow on one
+rank skips the meta step on every rank. Both tests launch a script from ``dist_scripts/`` with ``torchrun`` and
+compare what the ranks dumped:
+
+* ``phi_sync.py`` (no data, float32): broadcast, mean all-reduce of rank-dependent gradients (oracle: Adam on the
+  mean, in this process), fp16 skip agreement;
+* ``meta_grad_mean.py`` (float64, real stream sharding, a DDP-wrapped model): the applied ∇φ is the mean of the
+  single-process meta-gradients on each rank's shard, recomputed here from the same split, shard and φ.
 """
 import pytest
 import torch
 
-from dist_scripts.dist_helpers import LOOKAHEAD_LR, SCRIPTS, meta_problem, torchrun
+from tests.support.dist import LOOKAHEAD_LR, SCRIPTS, meta_problem, torchrun
+from tests.support.meta_oracles import K
 from trainer.meta import MetaReweighter
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 STEPS = 3
 
@@ -19,8 +28,31 @@ def _close(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-15 * float(e.abs().max()))
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
+def test_phi_identical_across_ranks(tmp_path):
+    from tests.distributed.dist_scripts.phi_sync import rank_grads
+
+    torchrun(str(SCRIPTS / "phi_sync.py"), str(tmp_path), str(STEPS))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("start", "after_updates", "after_skip"):
+        for a, b in zip(r0[key], r1[key]):
+            assert torch.equal(a, b), key
+    assert (r0["skipped"], r1["skipped"]) == (False, True)
+    for a, b in zip(r0["after_updates"], r0["after_skip"]):
+        assert torch.equal(a, b)  # the skip on rank 1 stopped rank 0's step too
+
+    # the updates were Adam steps on the mean of the two ranks' gradients, from rank 0's initial φ
+    ref = MetaReweighter.from_dict({"granularity": "class", "lr": 1e-2}, K)
+    with torch.no_grad():
+        for p, s in zip(ref.meta_net.parameters(), r0["start"]):
+            p.copy_(s)
+    for step in range(STEPS):
+        g0 = rank_grads(0, step, ref.meta_net.parameters())
+        g1 = rank_grads(1, step, ref.meta_net.parameters())
+        ref.update([(a + b) / 2 for a, b in zip(g0, g1)])
+    for a, b in zip(ref.meta_net.parameters(), r0["after_updates"]):
+        assert torch.equal(a.detach(), b)
+
+
 def test_applied_meta_gradient_is_the_mean_of_the_shard_gradients(synth_dir, tmp_path):
     torchrun(str(SCRIPTS / "meta_grad_mean.py"), str(tmp_path), str(synth_dir), str(STEPS))
     dumps = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

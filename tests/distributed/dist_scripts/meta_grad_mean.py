@@ -1,6 +1,6 @@
 """Two ranks, float64: what ∇φ does ``MetaReweighter.update`` apply, and does φ stay identical?
 
-    torchrun --nproc_per_node 2 tests/dist_scripts/meta_grad_mean.py OUT_DIR DATA_DIR STEPS
+    PYTHONPATH=. torchrun --nproc_per_node 2 tests/distributed/dist_scripts/meta_grad_mean.py OUT_DIR DATA_DIR STEPS
 
 Each rank takes its own shard of the train and meta streams (the real ``build_streams`` sharding), starts φ from a
 *rank-dependent* seed (so only ``broadcast_from(0)`` can make them equal), and for STEPS steps computes its local
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from dist_helpers import LOOKAHEAD_LR, meta_problem  # this script's folder is sys.path[0]
+from tests.support.dist import LOOKAHEAD_LR, meta_problem  # the launchers put the repo on PYTHONPATH
 
 
 def main() -> int:

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on the test split with however many ranks this is launched with.
 
-    [torchrun --nproc_per_node N] tests/dist_scripts/evaluate_checkpoint.py OUT_JSON CHECKPOINT CONFIG [key=value ...]
+    [torchrun --nproc_per_node N] tests/distributed/dist_scripts/evaluate_checkpoint.py OUT_JSON CHECKPOINT CONFIG [key=value ...]
 
 Builds the Trainer exactly as training does (a new run dir named by run.name, the same split), loads CHECKPOINT, runs
 ``Trainer.evaluate("test")`` and has the main process write {"metrics", "ids", "labels", "probs"} to OUT_JSON.

@@ -1,4 +1,4 @@
-"""Independent float64 oracles for the meta-gradient tests (shared by tests/test_meta_*.py).
+"""Independent float64 oracles for the meta-gradient tests (shared by tests/unit/test_meta_*.py).
 
 Deliberately re-implements the features, the weighting and the Adam preconditioner from their definitions
 (DESIGN.md / the task brief) with loops instead of importing trainer.meta's helpers, so a bug there cannot hide

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from conftest import tiny_overrides
+from tests.support.cli import tiny_overrides
 from trainer.engine.checkpoint import list_checkpoints
 from trainer.config import load_config
 from trainer.engine.trainer import Trainer, TrainingStopped

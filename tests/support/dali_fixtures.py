@@ -1,4 +1,4 @@
-"""Shared DALI test data: tiny fundus-like JPEGs (the `records` fixture, registered by conftest.py as a plugin),
+"""Shared DALI test data: tiny fundus-like JPEGs (the `records` fixture, imported by conftest.py),
 pipeline specs and the torch reference. Imports DALI lazily so collecting other tests never needs it."""
 from __future__ import annotations
 

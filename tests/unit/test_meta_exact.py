@@ -4,7 +4,7 @@
   (measured ~1e-15) for every granularity × {sgd, adam} look-ahead × detach_features;
 * ``exact`` with ``directional: fd`` (fd_eps 1e-3) within 2e-6 (measured <= 4e-7 on this problem);
 * both against central finite differences of L_meta(θ'(φ)) on φ, computed by an independent first-order oracle
-  (tests/meta_oracles.py) -- random directions for every configuration, every coordinate for two of them;
+  (tests/support/meta_oracles.py) -- random directions for every configuration, every coordinate for two of them;
 * ``head`` == second-order restricted to the fc parameters.
 """
 import itertools
@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from meta_oracles import K, MetaLossOfPhi, fd_along, flat, rel_err, single_thread, tiny_problem
+from tests.support.meta_oracles import K, MetaLossOfPhi, fd_along, flat, rel_err, single_thread, tiny_problem
 from trainer.meta import MetaReweighter
 from trainer.meta.second_order import second_order_meta_gradient
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from meta_oracles import K, flat, single_thread, tiny_problem
+from tests.support.meta_oracles import K, flat, single_thread, tiny_problem
 from trainer.config import ConfigError, MetaConfig
 from trainer.meta import MetaReweighter
 from trainer.meta.net import MetaNet

@@ -1,6 +1,6 @@
 """Train like ``python -m launch.train`` does, then let every rank dump what must agree across ranks.
 
-    torchrun --nproc_per_node 2 tests/dist_scripts/train_and_dump.py DUMP_DIR CONFIG [key=value ...] [--resume auto]
+    torchrun --nproc_per_node 2 tests/distributed/dist_scripts/train_and_dump.py DUMP_DIR CONFIG [key=value ...] [--resume auto]
 
 DUMP_DIR/rank{R}.pt holds, per rank: the meta-net φ and the classifier's state dict before (as built, or as
 resumed) and after training, φ's Adam state and the returned metrics. The invariant tests compare the ranks' files

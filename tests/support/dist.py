@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-SCRIPTS = Path(__file__).resolve().parent
+SCRIPTS = REPO / "tests" / "distributed" / "dist_scripts"
 LOOKAHEAD_LR = 0.5  # large on purpose: the meta-gradient is then far from zero in every coordinate
 # wall-clock and throughput fields: the only parts of metrics.json allowed to differ between identical runs
 TIMING_KEYS = ("train_img_per_s", "wall_s")

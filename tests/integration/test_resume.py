@@ -13,9 +13,9 @@ import json
 
 import pytest
 
-from conftest import tiny_overrides
-from dist_scripts.dist_helpers import (assert_same_tensors, checkpoint_tensors, comparable_metrics,
-                                       final_checkpoint, python, torchrun)
+from tests.support.cli import tiny_overrides
+from tests.support.dist import (assert_same_tensors, checkpoint_tensors, comparable_metrics,
+                               final_checkpoint, python, torchrun)
 from trainer.engine.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def test_sigterm_checkpoints_exits_0_and_resume_continues(synth_dir, tmp_path, r
     args = _args(synth_dir, tmp_path, "term")
     proc = python(*args, env={"METALOSS_TEST_FAULT": "term_after_step:5"})  # check=True: exit status 0
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"run_dir": str(tmp_path / "term"),
-                                                                 "preempted": True, "step": 5}
+                                                         "preempted": True, "step": 5}
     run_dir = tmp_path / "term"
     assert _steps(run_dir) == [5, 4]  # the pre-emption checkpoint is taken at the step the signal arrived in
     assert not (run_dir / "metrics.json").exists()
