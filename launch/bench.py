@@ -25,12 +25,6 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak across exec."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-
-
 def bench_train(argv: list[str]) -> dict:
     p = argparse.ArgumentParser(prog="metaloss bench train")
     p.add_argument("config")
@@ -52,6 +46,8 @@ def bench_train(argv: list[str]) -> dict:
     if torch.cuda.is_available() and not cfg.train.cpu:
         peak = {"peak_cuda_max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20)}
     else:
+        from launch.peak_memory import peak_rss_mib
+
         peak = {"peak_rss_mib": round(peak_rss_mib())}
     out = {"config": args.config, "overrides": args.overrides, "steps": metrics["steps"],
            "train_img_per_s": round(metrics["train_img_per_s"], 1), "wall_s": round(wall, 1),

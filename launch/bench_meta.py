@@ -164,7 +164,7 @@ def peak_memory_mib(mode: str, arch: str, image_size: int, batch: int, device: s
     _sync(device)
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    from launch.bench import peak_rss_mib
+    from launch.peak_memory import peak_rss_mib
 
     return peak_rss_mib()
 
