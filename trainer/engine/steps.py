@@ -57,12 +57,11 @@ class StepRunner:
         self.consecutive_bad = torch.zeros((), dtype=torch.int64, device=accelerator.device)
         self.max_consecutive_bad = torch.zeros_like(self.consecutive_bad)
         self.bad_steps = torch.zeros_like(self.consecutive_bad)
-        # DeepSpeed keeps the two-forward path: its engine's forward/backward have not been verified with a graph
-        # that autograd.grad already walked (docs/PERFORMANCE.md).
-        # meta.precision=fp32 under a low-precision run: the look-ahead needs its own fp32 forward
+        # How the meta step runs (DESIGN.md "One forward per step"). The two-forward path stays for second_order
+        # (the oracle), DeepSpeed (its engine has not been verified with a graph autograd.grad already walked),
+        # model.compile (AOTAutograd's compiled backward donates its buffers and refuses the retain_graph=True the
+        # shared virtual gradient needs), and meta.precision=fp32 under a low-precision run (own fp32 forward).
         self.meta_fp32 = reweighter is not None and reweighter.cfg.precision == "fp32"
-        # model.compile keeps it too: AOTAutograd's compiled backward donates its buffers and refuses the
-        # retain_graph=True the shared virtual gradient needs (torch._functorch.config.donated_buffer; not verified)
         self.share_forward = (reweighter is not None and reweighter.shares_forward()
                               and cfg.train.distributed != "deepspeed" and not cfg.model.compile
                               and not (self.meta_fp32 and cfg.train.precision != "fp32"))
