@@ -57,3 +57,28 @@ def test_lagged_real_step_reuses_the_virtual_gradient(case):
     # and it is a different algorithm from the paper's real step (weights of the updated φ)
     updated = run({**LAGGED[case], "real_step": "updated"}, True, STEPS, 0, Accelerator(cpu=True))
     assert any(float((state[k] - updated[k]).abs().max()) > 1e-9 for k in state if k.startswith("theta.fc"))
+
+
+@pytest.mark.parametrize("overrides,needs", [
+    ({"meta": {"real_step": "lagged"}}, "meta.detach_features=true"),
+    ({"meta": {"real_step": "lagged", "detach_features": True, "lookahead": "head"}}, "meta.lookahead=exact"),
+    ({"meta": {"real_step": "lagged", "detach_features": True}, "train": {"precision": "fp16"}}, "fp32 or bf16"),
+    ({"meta": {"real_step": "lagged", "detach_features": True}, "model": {"compile": True}}, "model.compile=false"),
+])
+def test_lagged_real_step_refuses_what_it_cannot_do(overrides, needs):
+    from trainer.config import ConfigError, config_from_dict
+
+    data = {"train": {"loss": "meta", **overrides.get("train", {})}, "meta": overrides["meta"],
+            "model": overrides.get("model", {})}
+    with pytest.raises(ConfigError, match=f"meta.real_step.*{needs}"):
+        config_from_dict(data)
+
+
+def test_fp32_look_ahead_under_deepspeed_bf16_is_refused():
+    from trainer.config import ConfigError, config_from_dict
+    from trainer.engine.accel import check_distributed_config
+
+    cfg = config_from_dict({"train": {"loss": "meta", "distributed": "deepspeed", "precision": "bf16"},
+                            "meta": {"precision": "fp32"}})
+    with pytest.raises(ConfigError, match="meta.precision"):
+        check_distributed_config(cfg)
