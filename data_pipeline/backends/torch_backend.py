@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.image_ops import ImageError, load_rgb as decode_rgb8
 from data_pipeline.records import DataError, Record
-from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
+from data_pipeline.types import Batch, EndlessStream, Streams, pad_to_batches, shard_indices
 from data_pipeline.backends.transforms import augment_kwargs, eval_transform, train_transform
 
 
@@ -83,6 +83,8 @@ class ShardedBatchSampler:
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         shard = shard_indices(self.n, self.rank, self.world, pad=not self.train)
+        if not self.train:
+            shard = pad_to_batches(shard, self.batch_size)
         return [int(order[i]) if i >= 0 else -1 for i in shard]
 
     def __len__(self) -> int:
@@ -95,9 +97,13 @@ class ShardedBatchSampler:
             yield [(i, self.epoch) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
-def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) -> DataLoader:
+def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int, *, persistent: bool) -> DataLoader:
+    """persistent: the workers outlive a pass (the next ``iter()`` re-reads the sampler's epoch/start in the main
+    process and resumes the same workers). The train and meta streams need that: on 8 ranks an APTOS meta shard is
+    ~2 batches, and forking fresh workers every pass would dominate the step. The augmentation is seeded per sample
+    (``RecordDataset``), so which worker decodes a sample never changes its pixels and resume stays bitwise."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0)
 
 
 class TorchTrainStream:
@@ -107,7 +113,8 @@ class TorchTrainStream:
         tf = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data)) if augment \
             else eval_transform(cfg.data.image_size)
         self.sampler = ShardedBatchSampler(len(records), batch_size, rank, world, seed, shuffle=True, train=True)
-        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, cfg.data.num_workers)
+        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, cfg.data.num_workers,
+                              persistent=True)
         self.consumed = 0
 
     def __len__(self) -> int:
@@ -146,7 +153,7 @@ class TorchEvalStream:
         sampler = ShardedBatchSampler(len(records), cfg.train.eval_batch_size, rank, world, 0,
                                       shuffle=False, train=False)
         self.loader = _loader(RecordDataset(records, eval_transform(cfg.data.image_size), 0, augment=False),
-                              sampler, cfg.data.num_workers)
+                              sampler, cfg.data.num_workers, persistent=False)  # idle between evaluations
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -42,6 +42,7 @@ without a host sync.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -49,7 +50,7 @@ import torch
 
 from data_pipeline.backends.dali.pipelines import AugmentSpec, ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
 from data_pipeline.records import DataError, Record
-from data_pipeline.types import Batch, Streams, shard_indices
+from data_pipeline.types import Batch, Streams, pad_to_batches, shard_indices
 
 # Seed tags: the train, meta and eval pipelines of one run never share random streams.
 _TAG_TRAIN, _TAG_META = 1, 2
@@ -156,8 +157,7 @@ class DaliMetaStream:
         n_shard = len(self.table) // world
         if n_shard == 0:
             raise DataError(f"meta split has {len(self.table)} images, fewer than the {world} ranks")
-        self.spec = PipelineSpec(spec.image_size, min(spec.batch_size, n_shard), spec.num_threads,
-                                 spec.device_id, spec.augment)
+        self.spec = dataclasses.replace(spec, batch_size=min(spec.batch_size, n_shard))
         self.batches_per_pass = n_shard // self.spec.batch_size
         self.epoch, self.consumed = 0, 0
         self._run = None
@@ -289,8 +289,7 @@ class DaliReaderMetaStream:
         if min(sizes) == 0:
             raise DataError(f"meta split has {len(self.table)} images, fewer than the {world} ranks")
         self.shard_size = sizes[rank]
-        self.spec = PipelineSpec(spec.image_size, min(spec.batch_size, min(sizes)), spec.num_threads,
-                                 spec.device_id, spec.augment)
+        self.spec = dataclasses.replace(spec, batch_size=min(spec.batch_size, min(sizes)))
         self._files, self._positions = _seeded_list(self.table, seed, _TAG_META)
         self._tables = self.table.tables(range(len(self.table)))
         self._samples = 0  # samples read since the start of pass 0
@@ -328,12 +327,15 @@ class DaliReaderMetaStream:
 
 
 class DaliEvalStream:
-    """Finite, unaugmented, unshuffled; every rank runs ceil(n/world) samples, padding slots carry id -1."""
+    """Finite, unaugmented, unshuffled; every rank runs ceil(ceil(n/world) / batch) full batches, padding slots
+    (id -1) fill the rank's shard up to that."""
 
     def __init__(self, records, spec: PipelineSpec, rank: int, world: int, split: str):
         table = _SplitTable(records)
         self.spec, self.split, self.rank = spec, split, rank
-        self._idx = shard_indices(len(table), rank, world, pad=True) if len(table) else []
+        # whole batches only (types.pad_to_batches): a compiled model then never sees a partial last batch
+        self._idx = pad_to_batches(shard_indices(len(table), rank, world, pad=True), spec.batch_size) \
+            if len(table) else []
         self._files = table.files(self._idx)
         self._tables = table.tables(self._idx)
         self._run = None  # built on first use: eval streams are idle for most of a run
@@ -361,12 +363,13 @@ def build_dali_streams(cfg, splits: dict[str, list[Record]], rank: int, world: i
         raise DataError("data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
                           f"or set data.backend=torch ({e})") from None
     device_id = resolve_device_id(cfg, device)
-    size, threads = int(cfg.data.image_size), int(cfg.data.num_workers)
+    size, threads = int(cfg.data.image_size), int(cfg.data.dali_threads or cfg.data.num_workers)
+    node = dict(hw_decoder_load=float(cfg.data.dali_hw_decoder_load), dont_use_mmap=bool(cfg.data.dali_dont_use_mmap))
     train_aug = AugmentSpec.from_data_cfg(cfg.data)
-    train_spec = PipelineSpec(size, int(cfg.train.batch_size), threads, device_id, train_aug)
+    train_spec = PipelineSpec(size, int(cfg.train.batch_size), threads, device_id, train_aug, **node)
     meta_bs = int(cfg.meta.meta_batch_size) or int(cfg.train.batch_size)
-    meta_spec = PipelineSpec(size, meta_bs, threads, device_id, train_aug if cfg.data.meta_augment else None)
-    eval_spec = PipelineSpec(size, int(cfg.train.eval_batch_size), threads, device_id, None)
+    meta_spec = PipelineSpec(size, meta_bs, threads, device_id, train_aug if cfg.data.meta_augment else None, **node)
+    eval_spec = PipelineSpec(size, int(cfg.train.eval_batch_size), threads, device_id, None, **node)
 
     seed = int(cfg.train.seed)
     sharding = cfg.data.dali_sharding
