@@ -44,6 +44,7 @@ class RunLogger:
         self.images = 0
         self.t_interval = time.perf_counter()
         self.idle = IdleClock(accelerator.device)
+        self.intervals: list[dict] = []  # per logging interval: last step, img/s, data wait (for `metaloss bench`)
         self.bar = None
         self.collapsed_run = 0  # consecutive steps whose meta weights all sat at 0 or 1
         self.collapse_warned = False
@@ -144,6 +145,8 @@ class RunLogger:
         if self.acc.device.type == "cuda":
             scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         scalars.update(lrs)
+        self.intervals.append({"step": last, "steps": len(rows), "img_per_s": img_s,
+                               "data_wait_frac": scalars["perf/data_wait_frac"]})
         self.tb.scalars(last, scalars)
         if self.weights and self.tb.active:  # only the main process writes them: no copy on the other ranks
             self._weight_histograms(last)
