@@ -29,7 +29,8 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text
 
-GRACE_S = 15  # after a step's limit: SIGALRM had its chance, kill the child
+# after a step's limit: SIGALRM had its chance (it cannot interrupt a hang inside C++), kill the child
+GRACE_S = float(os.environ.get("METALOSS_GPU_CHECKS_GRACE_S", "15"))
 
 
 # --- carried wheels -------------------------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def run_steps(names: list[str], limits: dict[str, int], args, summary: Summary, 
                         os.killpg(child.pid, 9)
                     child.wait()
                     if current is not None and current in pending:
-                        why = "killed: over its time limit" if line == "@@timeout" else f"child exited {child.returncode}"
+                        why = ("killed: over its time limit" if line == "@@timeout"
+                               else f"child exited {child.returncode}")
                         summary.record(current, {"status": "FAIL", "value": None, "error": why})
                         pending.remove(current)
                     elif current is None and pending:
@@ -166,8 +168,9 @@ def run_steps(names: list[str], limits: dict[str, int], args, summary: Summary, 
                     step_deadline = time.monotonic() + min(limits[current], deadline - time.monotonic()) + GRACE_S
                 elif line.startswith("@@result "):
                     result = json.loads(line[len("@@result "):])
-                    summary.record(result.pop("name"), result)
-                    pending.remove(current)
+                    name = result.pop("name")
+                    summary.record(name, result)
+                    pending.remove(name)
                     current, step_deadline = None, time.monotonic() + 60
 
 
