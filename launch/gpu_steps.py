@@ -53,6 +53,7 @@ STEPS = {
     "data": ("launch.gpu_steps:data", 60, 20),
     "dali_decode": ("launch.gpu_steps:dali_decode", 40, 15),
     "grad_cosine": ("launch.gpu_steps:grad_cosine", 60, 15),
+    "meta_step": ("launch.gpu_steps:meta_step", 45, 20),
     "train_synthetic_a": ("launch.gpu_steps_train:train_synthetic_a", 45, 15),
     "train_dali": ("launch.gpu_steps_train:train_dali", 60, 20),
     "train_synthetic_b": ("launch.gpu_steps_train:train_synthetic_b", 45, 15),
@@ -228,6 +229,22 @@ def grad_cosine(ctx: Ctx) -> dict:
     return result(min(c1, c2) >= 0.99, round(min(c1, c2), 5), "min cosine", exact_vs_second_order=round(c1, 5),
                   fd_vs_forward_ad=round(c2, 5), arch=p.arch, batch=p.cosine_batch, precision=p.precision,
                   goal=">= 0.99")
+
+
+def meta_step(ctx: Ctx) -> dict:
+    """Meta step cost vs a plain step, interleaved in one process (launch/bench_meta.py): ResNet-50 224 px bf16
+    B=128 on a GPU; goals `exact` <= 3x, `head` <= 1.15x."""
+    from launch.bench_meta import bench_meta_step
+
+    p = ctx.profile
+    batch = 128 if not ctx.dry_run else p.batch
+    res = bench_meta_step(p.arch, p.size, batch, ("plain", "head", "exact"), steps=5, warmup=2,
+                          precision=p.precision, device=ctx.device, granularity="batch")
+    exact, head = res["exact"]["ratio_vs_plain"], res["head"]["ratio_vs_plain"]
+    ok = ctx.dry_run or (exact <= 3.0 and head <= 1.15)
+    return result(ok, round(exact, 3), "x plain (exact)", head_x_plain=round(head, 3), batch=batch,
+                  ms_per_step={m: round(r["ms_per_step"], 2) for m, r in res.items()},
+                  goal=None if ctx.dry_run else "exact <= 3x, head <= 1.15x")
 
 
 # --- runner ---------------------------------------------------------------------------------------------------------
