@@ -14,6 +14,7 @@ restarted for the remaining steps. Every step ends PASS, FAIL or SKIP with a num
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -142,6 +143,7 @@ def run_steps(names: list[str], limits: dict[str, int], args, summary: Summary, 
             q: queue.Queue = queue.Queue()
             threading.Thread(target=_reader, args=(child.stdout, q, log), daemon=True).start()
             current, step_deadline = None, time.monotonic() + 120  # imports before the first step
+            started = False
             while True:
                 try:
                     line = q.get(timeout=max(0.1, step_deadline - time.monotonic()))
@@ -149,22 +151,23 @@ def run_steps(names: list[str], limits: dict[str, int], args, summary: Summary, 
                     line = "@@timeout"
                 if line is None or line == "@@timeout":
                     if line == "@@timeout":
-                        os.killpg(child.pid, 9)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(child.pid, 9)
                     child.wait()
                     if current is not None and current in pending:
                         why = ("killed: over its time limit" if line == "@@timeout"
                                else f"child exited {child.returncode}")
                         summary.record(current, {"status": "FAIL", "value": None, "error": why})
                         pending.remove(current)
-                    elif current is None and pending:
-                        # the child died before starting a step (import error): nothing more can run
+                    elif not started and pending:
+                        # the child died before starting any step (import error): nothing more can run
                         for name in pending:
                             summary.record(name, {"status": "FAIL", "value": None,
                                                   "error": f"step runner exited {child.returncode} before the step"})
                         pending.clear()
                     break
                 if line.startswith("@@start "):
-                    current = line.split()[1]
+                    current, started = line.split()[1], True
                     step_deadline = time.monotonic() + min(limits[current], deadline - time.monotonic()) + GRACE_S
                 elif line.startswith("@@result "):
                     result = json.loads(line[len("@@result "):])

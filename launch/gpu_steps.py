@@ -274,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     limits = step_limits(args.dry_run)
     # heavy imports first, outside every step's alarm: an import cut by SIGALRM leaves torch half-initialised
     import torch  # noqa: F401
-    import trainer.engine.trainer  # noqa: F401
+    # a host without accelerate or DALI still runs the steps that do not need them (`imports` names what is missing)
+    with contextlib.suppress(ImportError):
+        import trainer.engine.trainer  # noqa: F401
     with contextlib.suppress(ImportError):
         import nvidia.dali.plugin.pytorch  # noqa: F401
     signal.signal(signal.SIGALRM, _alarm)
