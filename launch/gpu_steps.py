@@ -65,7 +65,7 @@ STEPS = {
     "deepspeed_zero2": ("launch.gpu_steps_train:deepspeed_zero2", 90, 0),
 }
 SKIPPED_IN_DRY_RUN = {"fp16": "fp16 needs a GPU (GradScaler on CUDA)",
-                      "deepspeed_zero2": "covered on CPU by tests/test_distributed_deepspeed.py (gloo)"}
+                      "deepspeed_zero2": "covered on CPU by tests/distributed/test_distributed_deepspeed.py (gloo)"}
 
 
 def step_limits(dry_run: bool) -> dict[str, int]:
