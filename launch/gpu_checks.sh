@@ -3,7 +3,8 @@
 # budget (one H200: <= 5 min, room for a rerun in a 10-minute call) and writes $OUT/summary.json after every step.
 # Run from anywhere; the steps and their limits: launch/gpu_steps.py, docs/PERFORMANCE.md.
 #   WHEELS_DIR="$HOME/dali_whl" OUT=$OUT bash launch/gpu_checks.sh             # parts from ../shared/gpu/dali_wheels.sh
-#   WHEELS_DIR="dali_whl deps_whl" OUT=$OUT bash launch/gpu_checks.sh --steps env,imports,dali_decode
+#   WHEELS_DIR="dali_whl trainer_whl" OUT=$OUT bash launch/gpu_checks.sh    # + python -m launch.trainer_wheels
+#   OUT=$OUT bash launch/gpu_checks.sh --steps env,imports,dali_decode
 #   bash launch/gpu_checks.sh --dry-run                                         # CPU, tiny model, < 60 s
 # WHEELS_DIR: space-separated folders of split parts (part1..partN + SHA256, assembled in numeric order) and/or
 # *.whl files; wheels whose tags do not fit this Python (dali_wheels.sh fetches cp312) are reported, not forced.
