@@ -128,7 +128,9 @@ def imports(ctx: Ctx) -> dict:
             versions[mod] = getattr(importlib.import_module(mod), "__version__", "?")
         except Exception as e:  # noqa: BLE001 -- report every missing import, not just the first
             missing[mod] = f"{type(e).__name__}: {e}"[:200]
-    return result(not missing, len(missing), "missing imports", missing=missing, versions=versions)
+    hint = ("carry them: `python -m launch.trainer_wheels DIR --with deepspeed,transformers` on a machine with a "
+            "registry, then WHEELS_DIR=\"dali_whl DIR\"") if missing else ""
+    return result(not missing, len(missing), "missing imports", missing=missing, versions=versions, hint=hint)
 
 
 def data(ctx: Ctx) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from trainer.config import config_from_dict
@@ -83,3 +84,32 @@ def test_data_wait_frac_is_blocked_time_over_interval_wall_time(tmp_path, monkey
     log.flush_steps(TrainState(world_size=2), {})
     assert abs(written["perf/data_wait_frac"] - 0.5) < 1e-9  # not 0.25 / (0.25 + 0.05)
     assert abs(written["perf/img_per_s"] - 4 * 4 * 2 / 2.0) < 1e-9
+
+
+def test_gpu_idle_fraction_adds_the_gaps_between_steps_in_device_time(monkeypatch):
+    """CUDA path with a fake event clock: idle = (first begin - interval start) + the gaps between steps."""
+    from trainer.observability.step_clock import IdleClock
+
+    now = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.t = now[0]
+
+        def elapsed_time(self, later):  # milliseconds, like torch.cuda.Event
+            return (later.t - self.t) * 1000.0
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    clock = IdleClock(torch.device("cuda"))
+    clock.restart()
+    for begin, end in ((0.1, 0.5), (0.5, 0.9), (1.2, 1.5)):  # gaps: 0.1, 0.0, 0.3 s of a 1.5 s interval
+        now[0] = begin
+        clock.begin()
+        now[0] = end
+        clock.end()
+    assert clock.idle_fraction(host_wait_s=99.0, wall_s=1.0) == pytest.approx(0.4 / 1.5)  # host numbers unused
+    clock.restart()
+    assert clock.idle_fraction(host_wait_s=0.0, wall_s=1.0) == 0.0  # no step in the interval
