@@ -70,8 +70,12 @@ def assemble_wheels(src: Path, work: Path) -> list[Path]:
 
 def compatible(wheels: list[Path]) -> tuple[list[Path], list[Path]]:
     """(wheels this interpreter can install, the others) by their tags -- dali_wheels.sh fetches cp312 wheels."""
-    from pip._vendor.packaging.tags import sys_tags
-    from pip._vendor.packaging.utils import parse_wheel_filename
+    try:
+        from packaging.tags import sys_tags
+        from packaging.utils import parse_wheel_filename
+    except ImportError:  # a bare GPU host: pip always carries a copy
+        from pip._vendor.packaging.tags import sys_tags
+        from pip._vendor.packaging.utils import parse_wheel_filename
 
     ours = set(sys_tags())
     ok, other = [], []
