@@ -57,6 +57,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # tiny | any classifier in torchvision.models.list_models(module=torchvision.models); checked against that
+    # registry when the model is built (trainer/components/models/), not here: this module does not import torch
     arch: str = "resnet50"
     # none | imagenet | <path to a .pth state dict>
     pretrained: str = "none"
@@ -168,7 +170,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "aptos", "eyepacs", "csv", "ddr", "idrid", "messidor2", "prepared"),
     "data.backend": ("auto", "dali", "torch", "synthetic"),
     "data.dali_sharding": ("reader", "explicit"),
-    "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step"),
     "meta.granularity": ("batch", "class", "sample"),
