@@ -103,3 +103,20 @@ def test_replayed_passes_leave_the_random_stream_where_the_oracle_leaves_it(prob
     after_exact = torch.rand(4)
     _grad(problem, "second_order", "class", "sgd", seed=11)
     assert torch.equal(after_exact, torch.rand(4))
+
+
+def test_exact_equals_second_order_on_a_small_vit_with_dropout():
+    """Attention blocks (nn.MultiheadAttention -> SDPA): the dual pass runs on the math kernel, the oracle's double
+    backward too; dropout in the MLP blocks and before the head is replayed."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=8, patch_size=4, num_layers=2, num_heads=2, hidden_dim=8, mlp_dim=12,
+                              dropout=0.3, num_classes=K).double().train()
+    gen = torch.Generator().manual_seed(2)
+    problem = (model, None, (torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([0, 0, 1, 2, 1, 0, 2, 0])),
+               (torch.randn(6, 3, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([1, 2, 0, 0, 1, 2])))
+    exact, _ = _grad(problem, "exact", "class", "sgd")
+    oracle, _ = _grad(problem, "second_order", "class", "sgd")
+    assert oracle.norm() > 1e-6
+    assert rel_err(exact, oracle) <= 1e-6
