@@ -4,7 +4,7 @@ Rule: the output layer is the last ``nn.Linear`` in module (registration) order.
 registers its head after everything it feeds from -- ``fc`` (ResNet, RegNet, ShuffleNet, Inception, GoogLeNet),
 ``classifier[-1]`` (EfficientNet, MobileNet, MNASNet, DenseNet, ConvNeXt, VGG, AlexNet, MaxViT), ``heads.head``
 (ViT), ``head`` (Swin) -- and the auxiliary heads of Inception-v3 / GoogLeNet are registered before their main
-``fc``. tests/test_model_families.py checks the rule against torchvision's own ``num_classes`` head for every
+``fc``. tests/unit/test_model_families.py checks the rule against torchvision's own ``num_classes`` head for every
 classification model in the registry. SqueezeNet has no linear layer: its output layer is its last convolution.
 """
 from __future__ import annotations
