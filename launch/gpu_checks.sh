@@ -26,3 +26,10 @@ for backend in synthetic dali; do
       data.format=prepared train.batch_size=256 train.max_steps=60 train.precision=bf16 data.num_workers=8 \
       logging.every_steps=20
 done
+# 5. model families: which SDPA kernels support forward-mode AD on CUDA (the exact look-ahead's dual pass runs on
+#    MATH); ViT-B/16 and EfficientNet-B3 meta-step cost vs a plain step
+run python3 -m launch.check_sdpa_forward_ad --device cuda --dtype bfloat16
+run python3 -m launch.bench_meta --arch vit_b_16 --image-size 224 --batch 64 --precision bf16 --device cuda \
+    --modes plain,head,exact --steps 10 --warmup 3
+run python3 -m launch.bench_meta --arch efficientnet_b3 --image-size 512 --batch 16 --precision bf16 --device cuda \
+    --modes plain,head,exact --steps 10 --warmup 3
