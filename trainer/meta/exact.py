@@ -136,8 +136,11 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
                         detach_features: bool, lookahead_optimizer: str = "sgd", optimizer=None,
                         directional: str = "forward_ad", fd_eps: float = 1e-3,
                         autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
-                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle."""
+                        rng: Optional[RngSnapshot] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle.
+
+    ``rng``: the generator state the train batch's forward started from (taken here, before step 1, when None; a
+    caller that runs that forward itself must snapshot before it and pass the snapshot)."""
     if directional not in ("forward_ad", "fd"):
         raise ValueError(f"meta.directional: {directional!r} is not one of forward_ad, fd")
     x, y = train_batch
@@ -149,7 +152,7 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     # ∇θ L_w = w ∇θ mean(ℓ) and S only needs mean_i d_i = ⟨v, ∇θ mean(ℓ)⟩ -- a dot product with a gradient
     # step 1 already has. The third network pass (dual or finite-difference forwards) is skipped.
     shared_weight = weighting.granularity == "batch" and detach_features
-    rng = RngSnapshot(x.device)  # step 3 replays step 1's dropout / stochastic-depth draws
+    rng = rng or RngSnapshot(x.device)  # step 3 replays step 1's dropout / stochastic-depth draws
     with frozen_batchnorm(module), torch.enable_grad():
         # 1. virtual gradient at θ (the meta-net part of this graph is not differentiated here)
         with autocast_context(autocast):
