@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -73,6 +74,8 @@ def _dry_run(cfg, image_size: int) -> None:
 def check_model_config(cfg, image_size: Optional[int] = None, lookahead: Optional[str] = None) -> None:
     """Everything about ``cfg`` (a ModelConfig) that can be refused without building the model."""
     check_arch(cfg.arch)
+    if cfg.pretrained not in ("none", "imagenet") and not Path(cfg.pretrained).expanduser().is_file():
+        raise ModelError(f"model.pretrained: weights file not found: {Path(cfg.pretrained).expanduser()}")
     if cfg.arch == "tiny":
         if cfg.pretrained == "imagenet":
             raise ModelError("model.pretrained: the tiny CNN has no ImageNet weights; use none or a local .pth")
