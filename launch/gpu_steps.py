@@ -54,6 +54,7 @@ STEPS = {
     "dali_decode": ("launch.gpu_steps:dali_decode", 40, 15),
     "grad_cosine": ("launch.gpu_steps:grad_cosine", 60, 15),
     "meta_step": ("launch.gpu_steps:meta_step", 45, 20),
+    "sdpa_forward_ad": ("launch.gpu_steps:sdpa_forward_ad", 20, 10),
     "train_synthetic_a": ("launch.gpu_steps_train:train_synthetic_a", 45, 15),
     "train_dali": ("launch.gpu_steps_train:train_dali", 60, 20),
     "train_synthetic_b": ("launch.gpu_steps_train:train_synthetic_b", 45, 15),
@@ -63,9 +64,11 @@ STEPS = {
     "fp16": ("launch.gpu_steps_train:fp16", 45, 0),
     "compile": ("launch.gpu_steps_train:compiled", 150, 30),
     "deepspeed_zero2": ("launch.gpu_steps_train:deepspeed_zero2", 90, 0),
+    "meta_step_families": ("launch.gpu_steps:meta_step_families", 60, 0),
 }
 SKIPPED_IN_DRY_RUN = {"fp16": "fp16 needs a GPU (GradScaler on CUDA)",
-                      "deepspeed_zero2": "covered on CPU by tests/distributed/test_distributed_deepspeed.py (gloo)"}
+                      "deepspeed_zero2": "covered on CPU by tests/distributed/test_distributed_deepspeed.py (gloo)",
+                      "meta_step_families": "ViT-B/16 and EfficientNet-B3 are GPU-sized; meta_step runs the same code"}
 
 
 def step_limits(dry_run: bool) -> dict[str, int]:
@@ -247,6 +250,40 @@ def meta_step(ctx: Ctx) -> dict:
     return result(ok, round(exact, 3), "x plain (exact)", head_x_plain=round(head, 3), batch=batch,
                   ms_per_step={m: round(r["ms_per_step"], 2) for m, r in res.items()},
                   goal=None if ctx.dry_run else "exact <= 3x, head <= 1.15x")
+
+
+def sdpa_forward_ad(ctx: Ctx) -> dict:
+    """Which SDPA kernels take dual numbers (the `exact` look-ahead runs its dual pass under MATH, which must)."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    from launch.check_sdpa_forward_ad import tangent
+
+    dtype = torch.bfloat16 if not ctx.dry_run else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dq = (torch.randn(2, 4, 64, 32, generator=gen).to(ctx.device, dtype) for _ in range(4))
+    reference = tangent(SDPBackend.MATH, q, k, v, dq).float()
+    kernels = {}
+    for name in ("MATH", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION"):
+        try:
+            diff = (tangent(getattr(SDPBackend, name), q, k, v, dq).float() - reference).abs().max().item()
+            kernels[name] = f"ok, max |tangent - MATH| = {diff:.2e}"
+        except Exception as e:  # noqa: BLE001 -- not implemented / not available for this device, dtype or shape
+            kernels[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    working = sum(v.startswith("ok") for v in kernels.values())
+    return result(kernels["MATH"].startswith("ok"), working, "kernels with forward AD", kernels=kernels)
+
+
+def meta_step_families(ctx: Ctx) -> dict:
+    """Meta-step cost of the other model families: ViT-B/16 224 px B=64, EfficientNet-B3 512 px B=16 (bf16)."""
+    from launch.bench_meta import bench_meta_step
+
+    ratios = {}
+    for arch, size, batch in (("vit_b_16", 224, 64), ("efficientnet_b3", 512, 16)):
+        res = bench_meta_step(arch, size, batch, ("plain", "head", "exact"), steps=5, warmup=2, precision="bf16",
+                              device=ctx.device)
+        ratios[arch] = {m: round(r["ratio_vs_plain"], 3) for m, r in res.items()}
+    return result(True, ratios["vit_b_16"]["exact"], "x plain (exact, ViT-B/16)", ratios=ratios)
 
 
 # --- runner ---------------------------------------------------------------------------------------------------------

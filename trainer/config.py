@@ -72,6 +72,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # tiny | any classifier in torchvision.models.list_models(module=torchvision.models); checked against that
+    # registry when the model is built (trainer/components/models/), not here: this module does not import torch
     arch: str = "resnet50"
     # none | imagenet | <path to a .pth state dict>
     pretrained: str = "none"
@@ -199,7 +201,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", *FORMATS),
     "data.backend": ("auto", *BACKENDS),
     "data.dali_sharding": DALI_SHARDING,
-    "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step"),
     "meta.granularity": GRANULARITIES,

@@ -25,7 +25,7 @@ from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainSta
 from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
-from trainer.components.models import build_model
+from trainer.components.models import build_model, check_model_config, to_memory_format
 from trainer.components.optim import build_optimizer, build_scheduler
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
 from trainer.observability.run_logging import RunLogger
@@ -43,6 +43,8 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None, overwrite: bool = False, force: bool = False,
                  quiet: bool = False):
         self.cfg = cfg
+        lookahead = cfg.meta.lookahead if cfg.train.loss == "meta" else None
+        check_model_config(cfg.model, cfg.data.image_size, lookahead)  # before the run dir is written
         self.accelerator = acc = build_accelerator(cfg)  # refuses unsupported distributed combinations first
         set_seed(cfg.train.seed)
         if cfg.train.deterministic:
@@ -58,9 +60,8 @@ class Trainer:
         k = cfg.model.num_classes
         self.class_names = class_names(k)
 
-        model = build_model(cfg.model)
-        if acc.device.type == "cuda" and cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = to_memory_format(build_model(cfg.model, image_size=cfg.data.image_size, lookahead=lookahead),
+                                 cfg.model, acc.device)
         fused = cfg.train.distributed != "deepspeed"  # fused kernels skip non-finite steps on the device
         optimizer = build_optimizer(cfg.optim, model.parameters(), fused=fused)
         self.steps_per_epoch = len(self.streams.train)
