@@ -15,7 +15,8 @@ is the stable figure (other processes' load stretches the wall clock, not the CP
 
 Memory (``--memory``): each mode runs again in its own subprocess (1 warm-up + 2 steps) and reports its peak: CUDA
 ``max_memory_allocated``, CPU the process's peak RSS (``VmHWM``; a process's peak covers its whole life, hence one
-process per mode; ``ru_maxrss`` would not do: Linux carries the parent's peak across fork + exec). ``idle`` is a process that builds everything and takes no step (the RSS floor).
+process per mode; ``ru_maxrss`` would not do: Linux carries the parent's peak across fork + exec). ``idle`` is a
+process that builds everything and takes no step (the RSS floor).
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import time
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from trainer.meta.modes import GRANULARITIES
 
 NUM_CLASSES = 5
 # name -> config overrides ("HALF" = half the train batch). Defaults: batch granularity, exact, forward_ad.
@@ -84,7 +87,7 @@ class _Feed:
 def build_runner(cfg, seed: int = 0):
     """A StepRunner exactly as ``Trainer.__init__`` wires it (minus streams/run dir), and its train feed."""
     from trainer.components.losses import build_loss
-    from trainer.components.models import build_model
+    from trainer.components.models import build_model, to_memory_format
     from trainer.components.optim import build_optimizer, build_scheduler
     from trainer.engine.accel import build_accelerator
     from trainer.engine.steps import StepRunner
@@ -92,9 +95,9 @@ def build_runner(cfg, seed: int = 0):
 
     acc = build_accelerator(cfg)
     torch.manual_seed(seed)
-    model = build_model(cfg.model)
-    if acc.device.type == "cuda" and cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    lookahead = cfg.meta.lookahead if cfg.train.loss == "meta" else None
+    model = to_memory_format(build_model(cfg.model, image_size=cfg.data.image_size, lookahead=lookahead),
+                             cfg.model, acc.device)
     optimizer = build_optimizer(cfg.optim, model.parameters(), fused=True)
     scheduler = build_scheduler(cfg.optim, optimizer, 10_000)
     loss_fn = build_loss(cfg.train.loss, cfg.loss, [1] * NUM_CLASSES, cfg.train.epochs).to(acc.device)
@@ -116,10 +119,14 @@ def _sync(device: str) -> None:
 def bench_meta_step(arch: str = "resnet18", image_size: int = 64, batch: int = 32,
                     modes: Sequence[str] = ("plain", "head", "exact"), steps: int = 5, warmup: int = 2,
                     device: str = "cpu", extra: Sequence[str] = (), seed: int = 0,
-                    log: Optional[Callable[[str], None]] = None) -> dict[str, dict[str, float]]:
+                    log: Optional[Callable[[str], None]] = None, precision: Optional[str] = None,
+                    granularity: Optional[str] = None) -> dict[str, dict[str, float]]:
     """{mode: {"ms_per_step", "ratio_vs_plain", "spread_ms", "cpu_ms_per_step", "cpu_ratio_vs_plain", "cycle"}}:
-    medians over ``steps`` cycles after ``warmup`` cycles, per step (wall clock and process CPU time)."""
+    medians over ``steps`` cycles after ``warmup`` cycles, per step (wall clock and process CPU time).
+    ``precision`` / ``granularity``: shorthands for ``train.precision=`` / ``meta.granularity=`` in ``extra``."""
     modes = list(modes)
+    extra = [*extra, *([f"train.precision={precision}"] if precision else []),
+             *([f"meta.granularity={granularity}"] if granularity else [])]
     runners, cycles, feeds = {}, {}, {}
     for m in modes:
         cfg = _config(m, arch, image_size, batch, device, extra)
@@ -195,7 +202,7 @@ def format_table(results: dict[str, dict[str, float]], peaks: Optional[dict[str,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="metaloss bench meta", description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="resnet18", choices=["tiny", "resnet18", "resnet34", "resnet50"])
+    ap.add_argument("--arch", default="resnet18", help="tiny or any torchvision classifier (model.arch)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--modes", default="plain,head,head_half,exact,exact_every4",
@@ -206,7 +213,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every mode, e.g. --set meta.granularity=class --set train.precision=bf16")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="= --set train.precision=...")
-    ap.add_argument("--granularity", choices=["batch", "class", "sample"], help="= --set meta.granularity=...")
+    ap.add_argument("--granularity", choices=list(GRANULARITIES), help="= --set meta.granularity=...")
     ap.add_argument("--detach-features", action="store_true", help="= --set meta.detach_features=true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--memory", action="store_true", help="also report each mode's peak memory (one process each)")
@@ -226,6 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    from trainer.components.models import check_arch
+
+    try:
+        check_arch(args.arch)
+    except ValueError as e:
+        ap.error(str(e))
     results = bench_meta_step(args.arch, args.image_size, args.batch, modes, args.steps, args.warmup, args.device,
                               args.set, log=(lambda s: print(s, file=sys.stderr)) if args.verbose else None)
     peaks = _memory_in_subprocesses(args, modes) if args.memory else None

@@ -19,7 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.meta.head import captured_fc_input, final_linear
+from trainer.components.models import classifier_layer
+from trainer.engine.accel import bare_model
+from trainer.meta.head import captured_fc_input
+from trainer.meta.randomness import RngSnapshot
 from trainer.meta.tangents import ActivationRecorder, supports_saved_tangents
 
 
@@ -50,7 +53,7 @@ class StepRunner:
         self.accelerator = accelerator
         self.cfg = cfg
         self.input_dtype = input_dtype
-        self.unwrapped = accelerator.unwrap_model(model)
+        self.unwrapped = bare_model(accelerator, model)
         # the torch optimiser under Accelerate's wrapper: the Adam look-ahead reads its state, the skip sets found_inf
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)
         self.device_skip = bool(getattr(self.raw_optimizer, "defaults", {}).get("fused"))
@@ -79,8 +82,8 @@ class StepRunner:
                        and reweighter.cfg.directional == "forward_ad" and reweighter.cfg.reuse_activations
                        and not (reweighter.cfg.granularity == "batch" and reweighter.cfg.detach_features)
                        and not cfg.model.compile and supports_saved_tangents(self.unwrapped))
-        self.head_fc = (final_linear(self.unwrapped) if self.share_forward and reweighter.cfg.lookahead == "head"
-                        else None)
+        self.head_fc = (classifier_layer(self.unwrapped)
+                        if self.share_forward and reweighter.cfg.lookahead == "head" else None)
 
     def restore_counters(self, *, bad_steps: int) -> None:
         """After a resume the run's bad-step total continues from the checkpoint; the consecutive count restarts at 0
@@ -106,7 +109,7 @@ class StepRunner:
             p.grad = g.view_as(p)
 
     def _meta_step(self, x, y, train_losses=None, train_features=None, virtual_out=None,
-                   mean_grad_out=None, saved=None) -> dict[str, torch.Tensor]:
+                   mean_grad_out=None, saved=None, rng=None) -> dict[str, torch.Tensor]:
         xm, ym = self._to_device(next(self.meta_stream))
         rw = self.reweighter
         # α follows the classifier's live learning rate (warm-up, cosine, step) unless meta.lookahead_lr pins it
@@ -117,7 +120,7 @@ class StepRunner:
                                  grad_scaler=None if self.meta_fp32 else self.accelerator.scaler,
                                  train_losses=train_losses,
                                  train_features=train_features, virtual_out=virtual_out,
-                                 mean_grad_out=mean_grad_out, saved_activations=saved)
+                                 mean_grad_out=mean_grad_out, saved_activations=saved, rng=rng)
         rw.update(grads)
         return {"meta_loss": rw.last_meta_loss.detach().float()}
 
@@ -133,6 +136,8 @@ class StepRunner:
         saved = [b.clone() for b in buffers] if self.device_skip else None  # BN stats: small, restored if bad
         capture = shared and self.head_fc is not None
         recorder = ActivationRecorder(self.unwrapped) if shared and self.record else None
+        # exact replays this forward's dropout / stochastic-depth draws in its directional pass
+        rng = RngSnapshot(x.device) if shared and not capture else None
         with captured_fc_input(self.head_fc) if capture else contextlib.nullcontext() as seen, \
                 recorder if recorder is not None else contextlib.nullcontext():
             logits = self.model(x)  # Accelerate's prepared forward already runs under autocast
@@ -147,7 +152,7 @@ class StepRunner:
         if shared:
             stats.update(self._meta_step(x, y, train_losses=None if capture else per_sample,
                                          train_features=seen[-1] if capture else None, virtual_out=virtual,
-                                         mean_grad_out=mean_grad, saved=recorder))
+                                         mean_grad_out=mean_grad, saved=recorder, rng=rng))
             recorder = None  # the saved activations belong to the graph the real backward frees
         plain = per_sample.mean()
         if rw is not None:

@@ -45,6 +45,7 @@ activations then have a fixed scale, which matters under fp16 autocast where a r
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional, Sequence
 
@@ -52,11 +53,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.meta.lookahead import (AutocastFactory, VirtualLossScale, apply_preconditioner, autocast_context,
                                     forward_with, frozen_batchnorm, per_sample_ce, preconditioner, sgd_lookahead,
                                     trainable_params, true_fp32)
 from trainer.meta.net import Weighting
+from trainer.meta.randomness import RngSnapshot
 
 # forward_ad's first make_dual loads torch's own JIT-scripted decompositions, which warn about torch.jit.script's
 # deprecation on every run; that is torch talking to itself, not something a user can act on
@@ -87,7 +90,8 @@ def directional_forward_ad(module: nn.Module, names: Sequence[str], params: Sequ
     """d_i = ⟨v, ∇θ ℓ_i(θ)⟩ for all i from one forward pass with dual-number parameters (call inside
     ``frozen_batchnorm``)."""
     direction, norm = _unit_direction(v)
-    with torch.no_grad(), fwAD.dual_level():
+    # forward-mode AD is implemented for the math attention kernel only (not the CPU flash kernel ViT would pick)
+    with torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
         duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, direction)}
         with autocast_context(autocast):
             logits = functional_call(module, duals, (x,))
@@ -96,14 +100,17 @@ def directional_forward_ad(module: nn.Module, names: Sequence[str], params: Sequ
 
 
 def directional_fd(module: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor],
-                   v: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, fd_eps: float) -> torch.Tensor:
-    """Central difference along v̂ with step fd_eps (two plain forwards; O(fd_eps²) truncation error).
+                   v: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, fd_eps: float,
+                   rng: Optional[RngSnapshot] = None) -> torch.Tensor:
+    """Central difference along v̂ with step fd_eps (two plain forwards; O(fd_eps²) truncation error); both
+    forwards replay ``rng`` (the same dropout masks on either side of θ).
 
     Always in true fp32 (or the parameters' float64): a step of fd_eps spread over millions of weights is ~1e-7 per
     weight, below bf16/fp16 (and TF32) rounding, so under reduced precision the difference would be rounding noise
     (measured: cosine −0.5..0.4 to the fp32 result on resnet18 under bf16). Autocast and TF32 are off for these two
     forwards; low-precision parameters (DeepSpeed bf16) and inputs are upcast.
     """
+    replay = rng.replay if rng is not None else contextlib.nullcontext
     direction, norm = _unit_direction(v)
     work = torch.promote_types(params[0].dtype, torch.float32)
     with torch.no_grad(), true_fp32(x.device):
@@ -111,8 +118,10 @@ def directional_fd(module: nn.Module, names: Sequence[str], params: Sequence[tor
         plus = torch._foreach_add(base, [t.to(work) for t in direction], alpha=fd_eps)
         minus = torch._foreach_add(base, [t.to(work) for t in direction], alpha=-fd_eps)
         xw = x.to(work) if x.is_floating_point() else x
-        loss_plus = per_sample_ce(forward_with(module, names, plus, xw, None), y)
-        loss_minus = per_sample_ce(forward_with(module, names, minus, xw, None), y)
+        with replay():
+            loss_plus = per_sample_ce(forward_with(module, names, plus, xw, None), y)
+        with replay():
+            loss_minus = per_sample_ce(forward_with(module, names, minus, xw, None), y)
         return (loss_plus - loss_minus) * (norm.to(loss_plus.dtype) / (2.0 * fd_eps))
 
 
@@ -136,7 +145,8 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
                         directional: str = "forward_ad", fd_eps: float = 1e-3,
                         autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
                         train_losses: Optional[torch.Tensor] = None, virtual_out: Optional[list] = None,
-                        mean_grad_out: Optional[list] = None, saved=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+                        mean_grad_out: Optional[list] = None, saved=None, rng: Optional[RngSnapshot] = None,
+                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle.
 
     ``train_losses``: the per-sample train losses of the real step's own forward, graph attached (shared forward).
@@ -147,6 +157,8 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     then w_new·∇θ mean(ℓ) exactly, with no backward of its own.
     ``saved``: a ``tangents.ActivationRecorder`` that watched the shared forward; step 3 then pushes only tangents
     through the saved activations instead of a full dual-number forward (same value, about one forward cheaper).
+    ``rng``: the generator state the train batch's forward started from (taken here, before step 1, when None; a
+    caller that runs that forward itself -- the shared forward -- must snapshot before it and pass the snapshot).
     """
     if directional not in ("forward_ad", "fd"):
         raise ValueError(f"meta.directional: {directional!r} is not one of forward_ad, fd")
@@ -160,6 +172,7 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     # step 1 already has. The third network pass (dual or finite-difference forwards) is skipped.
     shared_weight = weighting.granularity == "batch" and detach_features
     retain = train_losses is not None
+    rng = rng or RngSnapshot(x.device)  # step 3 replays step 1's dropout / stochastic-depth draws
     with frozen_batchnorm(module), torch.enable_grad():
         # 1. virtual gradient at θ (the meta-net part of this graph is not differentiated here)
         if train_losses is None:
@@ -196,9 +209,10 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
             d = saved.directional(params, direction, y, autocast)
             d = d * norm.to(d.dtype)
         elif directional == "forward_ad":
-            d = directional_forward_ad(module, names, params, v, x, y, autocast)
+            with rng.replay():
+                d = directional_forward_ad(module, names, params, v, x, y, autocast)
         else:
-            d = directional_fd(module, names, params, v, x, y, fd_eps)
+            d = directional_fd(module, names, params, v, x, y, fd_eps, rng)
     scale.check([d])
     # 4. the meta-net part
     phi_grads = surrogate_meta_gradient(weighting, losses.detach(), d, y, lr, detach_features)

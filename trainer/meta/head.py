@@ -1,9 +1,10 @@
-"""``head`` look-ahead: the virtual step moves only the final linear layer (``final_linear``: today ``model.fc``).
+"""``head`` look-ahead: the virtual step moves only the final linear layer (``fc`` below: the layer
+``classifier_layer`` finds -- ResNet's ``fc``, EfficientNet's ``classifier[-1]``, ViT's ``heads.head``, ...).
 
 The fc inputs h (train batch) and h_m (meta batch) are taken, detached, by a forward pre-hook on the final linear
 layer: h from the real step's own forward when the forward is shared (``train_features``; the step then costs one
-extra no-grad forward of the meta batch), else both from no-grad forwards of the network. Everything after that involves the tiny head only, so it runs in
-(at least) fp32 whatever the network's precision, and uses the same first-order algorithm as ``exact.py`` with
+extra no-grad forward of the meta batch), else both from no-grad forwards of the network. Everything after that
+involves the tiny head only, so it runs in (at least) fp32 whatever the network's precision, and uses the same first-order algorithm as ``exact.py`` with
 θ = (W, b):
 
     ℓ_i = CE(W h_i + b, y_i),   g = ∇_(W,b) L_w,   (W', b') = (W, b) − α P g,
@@ -23,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.components.models import classifier_layer
 from trainer.meta.exact import surrogate_meta_gradient
 from trainer.meta.lookahead import (AutocastFactory, VirtualLossScale, apply_preconditioner, autocast_context,
                                     frozen_batchnorm, per_sample_ce, preconditioner, sgd_lookahead)
@@ -40,19 +42,9 @@ def captured_fc_input(fc: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-def final_linear(module: nn.Module) -> nn.Linear:
-    """The classifier's final linear layer, whose input are the penultimate features. The ONE place that knows
-    where it lives (every model of ``build_model`` ends in ``model.fc``); swap this for a per-family lookup."""
-    fc = getattr(module, "fc", None)
-    if not isinstance(fc, nn.Linear):
-        raise ValueError(f"meta.lookahead=head needs the model to end in an nn.Linear named 'fc'; "
-                         f"{type(module).__name__} has {type(fc).__name__}")
-    return fc
-
-
 def head_features(module: nn.Module, x: torch.Tensor, autocast: AutocastFactory) -> torch.Tensor:
     """The fc input for a batch: one no-grad forward with BatchNorm buffers protected."""
-    fc = final_linear(module)
+    fc = classifier_layer(module)
     with captured_fc_input(fc) as seen, frozen_batchnorm(module), torch.no_grad(), autocast_context(autocast):
         module(x)
     if len(seen) != 1:
@@ -73,7 +65,7 @@ def head_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weighting
     ``train_features``: the train batch's fc input captured in the real step's forward (shared forward)."""
     x, y = train_batch
     xm, ym = meta_batch
-    fc = final_linear(module)
+    fc = classifier_layer(module)
     h = head_features(module, x, autocast) if train_features is None else train_features.detach()
     h_meta = head_features(module, xm, autocast)
     real = [p for p in (fc.weight, fc.bias) if p is not None and p.requires_grad]

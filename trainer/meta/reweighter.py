@@ -107,7 +107,7 @@ class MetaReweighter:
                       autocast: AutocastFactory = None, grad_scaler=None,
                       train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None,
                       virtual_out: Optional[list] = None, mean_grad_out: Optional[list] = None,
-                      saved_activations=None) -> list[torch.Tensor]:
+                      saved_activations=None, rng=None) -> list[torch.Tensor]:
         """∇φ L_meta (list aligned with ``meta_net.parameters()``); model params/.grad/BN buffers untouched.
 
         Shared forward (``shares_forward()``): ``train_losses`` are the per-sample losses of the real step's own
@@ -115,7 +115,8 @@ class MetaReweighter:
         alive for the real backward); ``train_features`` the fc input captured in that forward (``head``).
         ``virtual_out`` (``exact``): receives the rank-local virtual gradient ∇θ L_w(θ, φ before this update);
         ``mean_grad_out`` (``exact``, batch granularity, detached features): receives ∇θ mean(ℓ).
-        ``saved_activations`` (``exact``, forward_ad): a ``tangents.ActivationRecorder`` of the shared forward.
+        ``saved_activations`` (``exact``, forward_ad): a ``tangents.ActivationRecorder`` of the shared forward;
+        ``rng`` (``exact``): the ``RngSnapshot`` taken before the shared forward (its dropout draws are replayed).
 
         ``optimizer``: the live θ optimiser (for ``lookahead_optimizer: adam``). ``autocast``: a context-manager
         factory for the network forwards. ``grad_scaler``: fp16 -- the virtual losses are scaled by its current
@@ -134,7 +135,7 @@ class MetaReweighter:
         common.update({key: getattr(self.cfg, key) for key in MODE_KEYS.get(mode, ())})
         # shared-forward inputs (steps.py): only those the caller set, so a mode without them never receives them
         shared = dict(train_losses=train_losses, train_features=train_features, virtual_out=virtual_out,
-                      mean_grad_out=mean_grad_out, saved=saved_activations)
+                      mean_grad_out=mean_grad_out, saved=saved_activations, rng=rng)
         common.update({k: v for k, v in shared.items() if v is not None})
         grads, meta_loss = load(LOOKAHEADS, mode)(module, train_batch, meta_batch, lr, self.weighting, **common)
         self._scaled = scale.enabled
