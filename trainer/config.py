@@ -33,7 +33,11 @@ class DataConfig:
     # auto | dali | torch | synthetic ; auto = dali for a prepared dir when nvidia.dali imports, else torch
     backend: str = "auto"
     image_size: int = 224
+    # train, meta, test -- or train, meta, select, test: `select` is scored at the final epoch and no method trains
+    # on it (settings are chosen by it in a study; choosing on meta would be in-sample for meta-reweighting)
     split_fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])
+    # fixed losses (every train.loss but meta) train on train ∪ meta, so they see the labels meta-reweighting sees
+    baselines_use_meta_split: bool = False
     num_workers: int = 2
     # generic CSV layout
     path_col: str = "path"
@@ -242,8 +246,9 @@ def _validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
     fr = cfg.data.split_fractions
-    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ConfigError(f"config key 'data.split_fractions': need 3 positive fractions summing to 1, got {fr}")
+    if len(fr) not in (3, 4) or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'data.split_fractions': need 3 (train, meta, test) or 4 (train, meta, "
+                          f"select, test) positive fractions summing to 1, got {fr}")
     for dotted in ("train.batch_size", "train.eval_batch_size", "data.image_size", "model.num_classes",
                    "meta.every", "logging.every_steps", "checkpoint.keep_last", "train.max_bad_steps"):
         section, key = dotted.split(".")

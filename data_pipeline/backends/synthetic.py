@@ -10,6 +10,7 @@ from typing import Iterator
 import torch
 
 from data_pipeline.records import Record
+from data_pipeline.splits import EVAL_SPLITS
 from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
 
 
@@ -75,6 +76,10 @@ class SyntheticEvalStream:
                                                 device=self.shard.idx.device))
 
 
+# meta and test keep the offsets they had before the select split existed (same pixels as before)
+_EVAL_SEED_OFFSET = {"meta": 7, "test": 8, "select": 9}
+
+
 def build_synthetic_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int,
                             device=None) -> Streams:
     device = device or torch.device("cpu")
@@ -85,6 +90,7 @@ def build_synthetic_streams(cfg, splits: dict[str, list[Record]], rank: int, wor
         train=SyntheticTrainStream(splits["train"], size, cfg.train.batch_size, seed, rank, world, device),
         meta=EndlessStream(SyntheticTrainStream(splits["meta"], size, min(meta_bs, meta_shard),
                                                 seed + cfg.meta.seed_offset, rank, world, device)),
-        eval={s: SyntheticEvalStream(splits[s], size, cfg.train.eval_batch_size, seed + 7 + i, rank, world, device)
-              for i, s in enumerate(("meta", "test"))},
+        eval={s: SyntheticEvalStream(splits[s], size, cfg.train.eval_batch_size, seed + _EVAL_SEED_OFFSET[s], rank,
+                                     world, device)
+              for s in EVAL_SPLITS if s in splits},
     )

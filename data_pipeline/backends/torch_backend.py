@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.image_ops import ImageError, load_rgb as decode_rgb8
 from data_pipeline.records import DataError, Record
+from data_pipeline.splits import EVAL_SPLITS
 from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
 from data_pipeline.backends.transforms import augment_kwargs, eval_transform, train_transform
 
@@ -162,5 +163,5 @@ def build_torch_streams(cfg, splits: dict[str, list[Record]], rank: int, world: 
     return Streams(
         train=train,
         meta=_meta_stream(splits["meta"], cfg, rank, world, seed + cfg.meta.seed_offset, meta_bs),
-        eval={s: TorchEvalStream(splits[s], cfg, rank, world) for s in ("meta", "test")},
+        eval={s: TorchEvalStream(splits[s], cfg, rank, world) for s in EVAL_SPLITS if s in splits},
     )

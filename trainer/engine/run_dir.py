@@ -11,15 +11,15 @@ from pathlib import Path
 
 from data_pipeline.readers import detect_format, read_dataset
 from data_pipeline.records import DataError, Record
-from data_pipeline.splits import load_or_make_splits
+from data_pipeline.splits import load_or_make_splits, with_meta_in_train
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
 
 log = logging.getLogger(__name__)
 
 # Keys that change what is trained on or what is being trained: a resume that changes them is refused.
-RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size", "model.", "meta.",
-                  "train.loss", "train.seed", "train.batch_size")
+RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size",
+                  "data.baselines_use_meta_split", "model.", "meta.", "train.loss", "train.seed", "train.batch_size")
 
 
 class RunDirError(ValueError):
@@ -137,3 +137,11 @@ def load_splits(cfg: Config, run_dir: Path, accelerator) -> dict[str, list[Recor
         return load_or_make_splits(run_dir, load_records(cfg), cfg.data.split_fractions, cfg.train.seed,
                                    cfg.model.num_classes)
     return on_main_then_share(accelerator, make)
+
+
+def stream_tables(cfg: Config, splits: dict[str, list[Record]]) -> dict[str, list[Record]]:
+    """The tables the streams are built over: the split itself, or train ∪ meta as the train table for a fixed loss
+    under data.baselines_use_meta_split (meta-reweighting needs the meta split for φ, so it ignores the switch)."""
+    if cfg.data.baselines_use_meta_split and cfg.train.loss != "meta":
+        return with_meta_in_train(splits)
+    return splits

@@ -24,7 +24,7 @@ from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
 from trainer.components.models import build_model
 from trainer.components.optim import build_optimizer, build_scheduler
-from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
+from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits, stream_tables
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
 
@@ -46,7 +46,8 @@ class Trainer:
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
             cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force))
         self.splits = load_splits(cfg, self.run_dir, acc)
-        self.streams = build_streams(cfg, self.splits, acc.process_index, acc.num_processes, device=acc.device)
+        self.streams = build_streams(cfg, stream_tables(cfg, self.splits), acc.process_index, acc.num_processes,
+                                     device=acc.device)
         k = cfg.model.num_classes
         self.class_names = class_names(k)
 
@@ -223,7 +224,7 @@ class Trainer:
         self.logger.restart_clock()
 
     def evaluate(self, split: str = "test") -> tuple[dict, Predictions]:
-        """Metrics and gathered predictions of the current weights on ``split`` ("meta" or "test"), every rank."""
+        """Metrics and gathered predictions of the current weights on ``split`` ("meta", "select" or "test")."""
         if split not in self.streams.eval:
             raise ValueError(f"evaluate: unknown split {split!r} (have {', '.join(self.streams.eval)})")
         return self._evaluate(split)
@@ -266,7 +267,9 @@ class Trainer:
         st = self.state
         self._flush_logs()
         test, pred = self._evaluate("test")
-        metrics = self.logger.finish(st, test, pred, self.splits["test"])
+        # the select split (4-way data.split_fractions): what a study chooses settings by, never the test split
+        select = self._evaluate("select")[0] if "select" in self.streams.eval else None
+        metrics = self.logger.finish(st, test, pred, self.splits["test"], select=select)
         if self.cfg.checkpoint.enabled and self._last_checkpoint_step != st.step:
             self._checkpoint()
         return metrics

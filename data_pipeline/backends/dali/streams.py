@@ -49,6 +49,7 @@ import torch
 
 from data_pipeline.backends.dali.pipelines import AugmentSpec, ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
 from data_pipeline.records import DataError, Record
+from data_pipeline.splits import EVAL_SPLITS
 from data_pipeline.types import Batch, Streams, shard_indices
 
 # Seed tags: the train, meta and eval pipelines of one run never share random streams.
@@ -378,5 +379,5 @@ def build_dali_streams(cfg, splits: dict[str, list[Record]], rank: int, world: i
     return Streams(
         train=train,
         meta=meta_cls(splits["meta"], meta_spec, rank, world, seed + int(cfg.meta.seed_offset)),
-        eval={s: DaliEvalStream(splits[s], eval_spec, rank, world, s) for s in ("meta", "test")},
+        eval={s: DaliEvalStream(splits[s], eval_spec, rank, world, s) for s in EVAL_SPLITS if s in splits},
     )
