@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from trainer.comparison.control import read_control_record
 from trainer.reporting import figures
 from trainer.metrics import confusion_matrix, metrics_from_confusion
 
@@ -359,6 +360,12 @@ def _run_summary(r: RunResult) -> str:
                      ("bad_steps", "{} bad steps")):
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
+    if m.get("meta_weight_mean") is not None:
+        parts.append(f"mean meta weight {m['meta_weight_mean']:.4f}")
+    control = read_control_record(r.run_dir)
+    if control is not None:
+        parts.append(f"CE control of `{control['control_of']}` (lr {control['lr']:.3g} = its lr × "
+                     f"{control['meta_weight_mean']:.4f})")
     return f"- **{r.label}** (`{r.run_dir}`): " + ", ".join(parts)
 
 
