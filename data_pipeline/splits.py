@@ -100,6 +100,30 @@ def make_splits(records: Sequence[Record], fractions: Sequence[float] = (0.70, 0
     return out
 
 
+def subsample_train(splits: dict[str, list[Record]], fraction: float, seed: int,
+                    num_classes: int) -> dict[str, list[Record]]:
+    """Keep a stratified ``fraction`` of the train split (at least one image per class); meta and test unchanged.
+
+    Each class is ordered by its own permutation drawn from (seed, class, "subsample") and the first
+    round(fraction * n) are kept, so the subsample at a smaller fraction is contained in the one at a larger fraction
+    (a scaling study adds images, it never swaps them)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"train fraction must be in (0, 1], got {fraction}")
+    if fraction == 1.0:
+        return splits
+    by_class: list[list[Record]] = [[] for _ in range(num_classes)]
+    for r in splits["train"]:
+        by_class[r.label].append(r)
+    kept: list[Record] = []
+    for k, members in enumerate(by_class):
+        members = sorted(members, key=_sort_key)
+        # 0x5AB5 keeps this stream apart from make_splits' (seed, class) permutation
+        perm = np.random.default_rng([seed, k, 0x5AB5]).permutation(len(members))
+        n_keep = min(len(members), max(1, int(round(fraction * len(members)))))
+        kept.extend(members[i] for i in perm[:n_keep])
+    return {**splits, "train": sorted(kept, key=_sort_key)}
+
+
 def write_splits(path: str | Path, splits: dict[str, list[Record]]) -> None:
     """CSV `path,label,source_id,split`, written to a temp file and renamed so a crash never leaves half a file."""
     path = Path(path)
@@ -148,9 +172,9 @@ def read_splits(path: str | Path) -> dict[str, list[Record]]:
 
 
 def load_or_make_splits(run_dir: str | Path, records: Sequence[Record], fractions: Sequence[float], seed: int,
-                        num_classes: int) -> dict[str, list[Record]]:
+                        num_classes: int, *, train_fraction: float = 1.0) -> dict[str, list[Record]]:
     """Reuse run_dir/splits.csv unchanged when it exists (a resumed run must evaluate on the same test images);
-    otherwise make the split and write it there."""
+    otherwise make the split (train subsampled to ``train_fraction``) and write it there."""
     path = Path(run_dir) / SPLITS_FILE
     if path.is_file():
         splits = read_splits(path)
@@ -159,13 +183,14 @@ def load_or_make_splits(run_dir: str | Path, records: Sequence[Record], fraction
             raise DataError(f"{path}: labels {too_big} outside 0..{num_classes - 1} (model.num_classes)")
         stored = {r.source_id for rs in splits.values() for r in rs}
         current = {r.source_id for r in records}
-        if stored != current:
+        # a train subsample leaves images of the data set out on purpose: only ids missing from it count then
+        if stored - current or (train_fraction == 1.0 and current - stored):
             log.warning("%s: re-using the stored split, but the data set differs from it (%d ids only in the split, "
                         "%d only in the data set)", path, len(stored - current), len(current - stored))
         else:
             log.info("re-using the split in %s", path)
         return splits
-    splits = make_splits(records, fractions, seed, num_classes)
+    splits = subsample_train(make_splits(records, fractions, seed, num_classes), train_fraction, seed, num_classes)
     write_splits(path, splits)
     log.info("wrote %s (%s)", path, ", ".join(f"{s} {len(rs)}" for s, rs in splits.items()))
     return splits

@@ -21,6 +21,8 @@ _USER_ERROR_CLASSES = (
     ("trainer.reporting.report", "ReportInputError"),
     ("trainer.engine.trainer", "TrainingStopped"),
     ("trainer.components.losses", "LossError"),
+    ("launch.study.runner", "StudyBusy"),
+    ("trainer.engine.inference", "InferenceError"),
 )
 # OSErrors about the machine, not the program: the user fixes them (free space, permissions), a traceback won't help
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -38,6 +38,10 @@ class DataConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])
     # fixed losses (every train.loss but meta) train on train ∪ meta, so they see the labels meta-reweighting sees
     baselines_use_meta_split: bool = False
+    # seed of the train/meta/test split; null = train.seed. A study fixes it so every seed is tested on the same images
+    split_seed: Optional[int] = None
+    # stratified subsample of the train split only (meta and test unchanged); smaller fractions nest in larger ones
+    train_fraction: float = 1.0
     num_workers: int = 2
     # generic CSV layout
     path_col: str = "path"
@@ -137,6 +141,13 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # referable DR = grade >= referable_from (2 = moderate or worse, the usual clinical definition); null, or a value
+    # outside 1..num_classes-1, = no referable metrics (labels that are not an ordered grade scale)
+    referable_from: Optional[int] = 2
+
+
+@dataclass
 class LoggingConfig:
     every_steps: int = 10
     tensorboard: bool = True
@@ -160,6 +171,7 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -254,6 +266,8 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.train_fraction': must be in (0, 1], got {cfg.data.train_fraction}")
     for dotted in ("train.epochs", "train.max_steps", "checkpoint.every_steps"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:

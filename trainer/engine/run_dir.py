@@ -18,8 +18,9 @@ from trainer.config import Config, config_to_dict, diff_configs, save_config
 log = logging.getLogger(__name__)
 
 # Keys that change what is trained on or what is being trained: a resume that changes them is refused.
-RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size",
-                  "data.baselines_use_meta_split", "model.", "meta.", "train.loss", "train.seed", "train.batch_size")
+RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.split_seed", "data.train_fraction",
+                  "data.image_size", "data.baselines_use_meta_split", "model.", "meta.",
+                  "train.loss", "train.seed", "train.batch_size")
 
 
 class RunDirError(ValueError):
@@ -134,8 +135,9 @@ def on_main_then_share(accelerator, fn):
 
 def load_splits(cfg: Config, run_dir: Path, accelerator) -> dict[str, list[Record]]:
     def make():
-        return load_or_make_splits(run_dir, load_records(cfg), cfg.data.split_fractions, cfg.train.seed,
-                                   cfg.model.num_classes)
+        split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
+        return load_or_make_splits(run_dir, load_records(cfg), cfg.data.split_fractions, split_seed,
+                                   cfg.model.num_classes, train_fraction=cfg.data.train_fraction)
     return on_main_then_share(accelerator, make)
 
 

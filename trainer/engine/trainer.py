@@ -19,11 +19,13 @@ from data_pipeline.factory import build_streams
 from trainer.engine.accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
 from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
                          written_by_ranks)
+from trainer.clinical_metrics import bootstrap_clinical
 from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
 from trainer.components.models import build_model
 from trainer.components.optim import build_optimizer, build_scheduler
+from trainer.engine.provenance import write_preprocessing
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits, stream_tables
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
@@ -46,6 +48,8 @@ class Trainer:
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
             cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force))
         self.splits = load_splits(cfg, self.run_dir, acc)
+        if acc.is_main_process:
+            write_preprocessing(cfg, self.run_dir)  # so `metaloss predict` can repeat it on raw images
         self.streams = build_streams(cfg, stream_tables(cfg, self.splits), acc.process_index, acc.num_processes,
                                      device=acc.device)
         k = cfg.model.num_classes
@@ -239,7 +243,7 @@ class Trainer:
         stream = self.streams.eval[split]
         with self.logger.progress(f"eval {split}", len(stream)) as bar:
             return evaluate(self.model, stream, self.accelerator, self.cfg.model.num_classes,
-                            input_dtype=self.input_dtype, progress=bar)
+                            input_dtype=self.input_dtype, progress=bar, referable_from=self.cfg.eval.referable_from)
 
     def _checkpoint(self) -> None:
         # drain the logs first: the step history in the checkpoint must cover exactly the steps it contains
@@ -267,6 +271,9 @@ class Trainer:
         st = self.state
         self._flush_logs()
         test, pred = self._evaluate("test")
+        if len(pred.labels) and self.accelerator.is_main_process:  # intervals for the headline clinical numbers: once, on the final test evaluation
+            test["ci95"] = bootstrap_clinical(pred.labels, pred.probs, self.cfg.model.num_classes,
+                                              self.cfg.eval.referable_from)
         # the select split (4-way data.split_fractions): what a study chooses settings by, never the test split
         select = self._evaluate("select")[0] if "select" in self.streams.eval else None
         metrics = self.logger.finish(st, test, pred, self.splits["test"], select=select)

@@ -22,6 +22,7 @@ import numpy as np
 
 from trainer.comparison.control import read_control_record
 from trainer.reporting import figures
+from trainer.reporting.clinical_report import clinical_table_markdown
 from trainer.metrics import confusion_matrix, metrics_from_confusion
 
 METRICS_FILE = "metrics.json"
@@ -381,7 +382,9 @@ def write_report(run_dirs: list[Path], out: Path | None = None, *, n_boot: int =
     lines += ["## Table I — test metrics", "", table_one_markdown(runs), "",
               "## Table II — per-class test recall", "", table_two_markdown(runs), "",
               f"## 95% bootstrap confidence intervals (percentile, {n_boot} resamples of the test predictions, "
-              f"seed {seed})", "", ci_table_markdown(runs, n_boot=n_boot, seed=seed), "", "## Figures", ""]
+              f"seed {seed})", "", ci_table_markdown(runs, n_boot=n_boot, seed=seed), "",
+              "## Clinical metrics (referable DR = grade >= threshold; 95% bootstrap intervals)", "",
+              clinical_table_markdown(runs, n_boot=n_boot, seed=seed, table=_table), "", "## Figures", ""]
     for title, path, notes in figures.draw_report_figures(runs, fig_dir):
         lines.append(f"### {title}")
         lines.append("")
