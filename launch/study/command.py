@@ -41,6 +41,11 @@ def _summarise(study: Study, argv_text: str) -> list[dict]:
 
     rows = collect(study)
     results = write_results(study, rows)
+    if study.selection is not None:
+        from common.atomic import atomic_write_text
+        from launch.study.selection import choices_json
+
+        atomic_write_text(study.state_dir / "choices.json", choices_json(study, rows))
     report = write_study_report(study, rows, argv_text)
     print(f"results: {results}\nreport: {report}")
     return rows
@@ -66,6 +71,14 @@ def run_study(args, *, debug: bool = False) -> int:
         runner = StudyRunner(study, retry_failed=args.retry_failed,
                              after_run=lambda run, run_dir: log_hparams(study, run, run_dir))
         runner.run()
+        if study.selection is not None and runner.stop_signal is None:
+            from launch.study.results import collect
+            from launch.study.selection import control_runs
+
+            controls = control_runs(study, collect(study))  # chosen on the select split, so only now
+            if controls:
+                log.info("study %s: %d CE control run(s) of the chosen meta runs", study.name, len(controls))
+                runner.run(controls)
         if runner.stop_signal is not None:
             _summarise(study, argv_text)
             log.warning("study stopped by signal %d; run the same command to continue", runner.stop_signal)

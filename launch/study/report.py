@@ -161,6 +161,7 @@ def draw_figures(study: Study, rows: list[dict], fig_dir: Path) -> list[tuple[st
 
 def write_study_report(study: Study, rows: list[dict], command: str) -> Path:
     out = study.state_dir / "report.md"
+    all_rows, rows = rows, [r for r in rows if not r.get("control_of")]  # CE controls: comparison section only
     counts = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1
@@ -170,11 +171,16 @@ def write_study_report(study: Study, rows: list[dict], command: str) -> Path:
              f"seeds {study.seeds}; data.split_seed {study.split_seed} (the same test images for every run)",
              f"- results: `{study.state_dir / 'results.csv'}`", "",
              f"## Per cell: mean ± std [95% t-interval] across seeds (test split)", "", cell_table(study, rows), "",
-             f"## Paired comparison against `ce` ({study.metric}, same seeds, loss − ce)", "", paired, "",
-             "## Figures", ""]
+             f"## Paired comparison against `ce` ({study.metric}, same seeds, loss − ce)", "", paired, ""]
+    if study.selection is not None:
+        from launch.study.selection import comparison_section
+
+        # the tables above show every run of the grid; this section only the settings chosen on the select split
+        lines += [comparison_section(study, all_rows), ""]
+    lines += ["## Figures", ""]
     for title, path in draw_figures(study, rows, study.state_dir / "figures"):
         lines += [f"### {title}", "", f"![{title}]({path.relative_to(study.state_dir).as_posix()})", ""]
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r for r in all_rows if r["status"] == "failed"]
     if failed:
         lines += ["## Failed runs", "", _table(["run", "error"], [[r["run"], r["error"]] for r in failed]), ""]
     out.write_text("\n".join(lines).rstrip() + "\n")

@@ -38,6 +38,10 @@ def run_row(study: Study, run: RunSpec, status: dict) -> dict:
     if is_finished(run_dir):
         m = json.loads((run_dir / "metrics.json").read_text())
         row.update(metric_values(m["test"]))
+        if study.selection is not None:
+            from launch.study.selection import select_values
+
+            row.update(select_values(m, metric_values), meta_weight_mean=m.get("meta_weight_mean"))
         row.update(status="done", error="", img_per_s=m.get("train_img_per_s"), train_s=m.get("wall_s"),
                    steps=m.get("steps"))
     return row
@@ -48,11 +52,19 @@ def collect(study: Study) -> list[dict]:
         status = json.loads((study.state_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         status = {}
-    return [run_row(study, run, status) for run in study.runs]
+    rows = [run_row(study, run, status) for run in study.runs]
+    if study.selection is not None:  # the controls of the chosen meta runs (their choice needs the rows above)
+        from launch.study.selection import control_row, control_runs
+
+        rows += [control_row(study, run, run_row(study, run, status)) for run in control_runs(study, rows)]
+    return rows
 
 
 def columns(study: Study) -> list[str]:
-    return [*RUN_COLUMNS[:2], *study.grid, *RUN_COLUMNS[2:], *METRICS, *TAIL_COLUMNS]
+    extra = []
+    if study.selection is not None:
+        extra = [*(f"select_{m}" for m in METRICS), "meta_weight_mean", "control_of", "lr"]
+    return [*RUN_COLUMNS[:2], *study.grid, *RUN_COLUMNS[2:], *METRICS, *extra, *TAIL_COLUMNS]
 
 
 def write_results(study: Study, rows: list[dict]) -> Path:

@@ -59,7 +59,12 @@ def _free_port() -> int:
 
 def train_command(study: Study, run: RunSpec) -> list[str]:
     py = sys.executable
-    train = ["-m", "launch.train", str(study.base), *study.overrides(run), "--resume", "auto", "--quiet"]
+    if run.control_of:  # the CE control of a finished meta run: its own config, lr scaled (trainer/comparison)
+        meta_dir = study.runs_dir / run.control_of
+        train = ["-m", "launch.train", str(meta_dir / "config.yaml"), "--control-of", str(meta_dir),
+                 f"run.name={run.name}", "--resume", "auto", "--quiet"]
+    else:
+        train = ["-m", "launch.train", str(study.base), *study.overrides(run), "--resume", "auto", "--quiet"]
     if run.world_size == 1:
         return [py, *train]
     return [py, "-m", "torch.distributed.run", "--nproc_per_node", str(run.world_size), "--master_addr", "127.0.0.1",
@@ -110,7 +115,9 @@ class StudyRunner:
             self.child.send_signal(signal.SIGTERM)
 
     # --- the loop ---------------------------------------------------------------------------------------------------
-    def run(self) -> dict[str, dict]:
+    def run(self, runs: list[RunSpec] | None = None) -> dict[str, dict]:
+        """The study's runs (or ``runs``, e.g. the controls chosen after them), in order."""
+        runs = self.study.runs if runs is None else runs
         self.study.state_dir.mkdir(parents=True, exist_ok=True)
         (self.study.state_dir / "logs").mkdir(exist_ok=True)
         lock = open(self.study.state_dir / LOCK_FILE, "w")
@@ -123,18 +130,17 @@ class StudyRunner:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._load_status()
-            for i, run in enumerate(self.study.runs, 1):
+            for i, run in enumerate(runs, 1):
                 if self.stop_signal is not None:
                     break
-                self._one(run, i)
+                self._one(run, i, len(runs))
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             lock.close()
         return self.status
 
-    def _one(self, run: RunSpec, index: int) -> None:
-        total = len(self.study.runs)
+    def _one(self, run: RunSpec, index: int, total: int) -> None:
         run_dir = self.study.runs_dir / run.name
         entry = self.status.get(run.name, {})
         if is_finished(run_dir):

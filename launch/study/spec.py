@@ -13,9 +13,14 @@ A study file (YAML)::
     world_sizes: [1]                # processes per run (torchrun / accelerate launch for > 1)
     split_seed: 0                   # data.split_seed: one train/meta/test split for every run
     metric: macro_f1                # headline metric of the report (a key of metrics.json's test block)
+    selection:                      # optional: choose each method's settings on the select split
+      metric: macro_f1              #   (launch/study/selection.py; data.split_fractions needs 4 entries)
+      tune: [optim.lr]              #   grid keys that are settings of a method, chosen per cell and seed
 
 A run is (cell, seed); a cell is one value per grid key plus a world size. Run names are derived from the values
 alone, so the same study file always maps a run to the same run dir -- that is what makes a re-run resume.
+A cell that differs from another only in keys its loss does not read (``meta.lr`` for ce, ...) is not run twice:
+see trainer/comparison/relevance.py.
 """
 from __future__ import annotations
 
@@ -27,11 +32,13 @@ from typing import Any
 
 import yaml
 
+from trainer.comparison.relevance import redundant_cell
+from trainer.comparison.selection import LOSS_KEY
 from trainer.config import ConfigError, load_config
 
 FRACTION_KEY = "data.train_fraction"
 _ALIASES = {"train_fraction": FRACTION_KEY}
-_TOP_KEYS = ("name", "base", "out", "set", "grid", "seeds", "world_sizes", "split_seed", "metric")
+_TOP_KEYS = ("name", "base", "out", "set", "grid", "seeds", "world_sizes", "split_seed", "metric", "selection")
 # keys the study itself owns: a grid or `set` entry for them would silently fight the study's own value
 _OWNED = ("train.seed", "run.name", "run.out_dir", "data.split_seed")
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "qwk", "referable_auc", "referable_sensitivity",
@@ -48,6 +55,7 @@ class RunSpec:
     world_size: int
     seed: int
     name: str
+    control_of: str = ""  # the CE control of this run name (launch/study/selection.py)
 
     @property
     def cell_name(self) -> str:
@@ -67,6 +75,7 @@ class Study:
     split_seed: int
     metric: str
     runs: list[RunSpec] = field(default_factory=list)
+    selection: Any = None  # launch.study.selection.Selection when the file has a 'selection' section
 
     @property
     def runs_dir(self) -> Path:
@@ -153,6 +162,9 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     study = Study(path=path, name=name, base=base, out=Path(out or data.get("out") or Path("runs") / name),
                   fixed=fixed, grid=grid, seeds=_list_of(data, "seeds", int, [0], str(path)),
                   world_sizes=world_sizes, split_seed=split_seed, metric=metric)
+    from launch.study.selection import parse_selection
+
+    study.selection = parse_selection(data.get("selection"), grid, str(path))
     study.runs = expand_runs(study)
     check_configs(study)
     return study
@@ -164,6 +176,8 @@ def expand_runs(study: Study) -> list[RunSpec]:
     short = _short_names(keys)
     runs = []
     for values in itertools.product(*(study.grid[k] for k in keys)):
+        if redundant_cell(dict(zip(keys, values)), study.grid, study.fixed.get(LOSS_KEY)):
+            continue  # trains what an earlier cell trains: its loss ignores a key this cell varies
         for ws in study.world_sizes:
             parts = [f"{short[k]}-{_slug(v)}" for k, v in zip(keys, values)] + [f"ws{ws}"]
             for seed in study.seeds:
@@ -180,8 +194,11 @@ def check_configs(study: Study) -> None:
     """Build every run's config before anything runs: a bad key fails the study at once, naming the run."""
     if not study.base.is_file():
         raise StudyError(f"{study.path}: base config not found: {study.base}")
+    from launch.study.selection import check_select_split
+
     for run in study.runs:
         try:
-            load_config(study.base, study.overrides(run))
+            cfg = load_config(study.base, study.overrides(run))
         except ConfigError as e:
             raise StudyError(f"{study.path}: run {run.name}: {e}") from None
+        check_select_split(study, cfg, run)
