@@ -66,7 +66,13 @@ def _rows(out):
 def test_reduced_comparison_study_chooses_on_select_only_and_runs_controls(synth_dir, tmp_path):
     path = _study_file(tmp_path, synth_dir)
     out = tmp_path / "out"
-    run_cli("-m", "launch.cli", "study", str(path))
+    # 10 runs of a few seconds each; the generous timeout is for a CPU shared with other suites
+    run_cli("-m", "launch.cli", "study", str(path), timeout=1800)
+    check_choices_and_controls(out)
+    check_test_results_cannot_move_a_choice(path, out)
+
+
+def check_choices_and_controls(out):
     rows = _rows(out)
     grid = [r for r in rows if not r["control_of"]]
     controls = [r for r in rows if r["control_of"]]
@@ -94,7 +100,10 @@ def test_reduced_comparison_study_chooses_on_select_only_and_runs_controls(synth
     assert "| CE control of meta (lr × mean meta weight" in report
     assert "### Paired difference to best fixed baseline ce" in report
 
-    # Different test labels change the test results and nothing else: rewrite every test block, re-collect.
+
+def check_test_results_cannot_move_a_choice(path, out):
+    """Different test labels change the test results and nothing else: rewrite every test block, re-collect."""
+    controls = {r["run"] for r in _rows(out) if r["control_of"]}
     before = (out / "study" / "choices.json").read_bytes()
     for metrics_path in (out / "runs").glob("*/metrics.json"):
         m = json.loads(metrics_path.read_text())
@@ -102,4 +111,4 @@ def test_reduced_comparison_study_chooses_on_select_only_and_runs_controls(synth
         metrics_path.write_text(json.dumps(m))
     run_cli("-m", "launch.cli", "study", str(path), "--collect")
     assert (out / "study" / "choices.json").read_bytes() == before
-    assert {r["run"] for r in _rows(out) if r["control_of"]} == {r["run"] for r in controls}
+    assert {r["run"] for r in _rows(out) if r["control_of"]} == controls
