@@ -54,7 +54,7 @@ def _section(text, heading):
 
 
 def test_protocol_says_how_settings_were_chosen(text):
-    assert "select-split macro_f1 at the final epoch" in text and "test split is read only after" in text
+    assert "select-split macro_f1 at the final epoch" in text and "No choice reads a test number" in text
 
 
 def test_sweeps_and_chosen_settings_per_seed(text):

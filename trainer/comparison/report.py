@@ -94,12 +94,12 @@ def comparison_markdown(rows: list[dict], *, cell_keys: Sequence[str], tune_keys
     best = {v: best_cell(choices, metric, among) for v, among in groups.items()}
     ce_cells = [c for c in cells if dict(c).get(LOSS_KEY) == "ce"]
     lines = ["## Comparison at each method's own best settings", "",
-             f"**Protocol.** Every method (a grid cell) is trained once per setting of its sweep ({', '.join(tune_keys)}"
-             f"; keys a loss does not read are not swept for it) and seed. For each method and seed the setting with "
-             f"the best **select-split {metric} at the final epoch** is chosen; the select split is trained on by no "
-             f"method (meta-reweighting fits φ on the meta split, so choosing on it would favour meta). The test split "
-             f"is read only after every choice is made, and only for the chosen runs. The *best fixed baseline* is "
-             f"the fixed-loss method whose chosen runs have the best mean select {metric}"
+             f"**Protocol.** Every method (a grid cell) is trained once per setting of its sweep "
+             f"({', '.join(tune_keys)}; keys a loss does not read are not swept for it) and seed. For each method and "
+             f"seed the setting with the best **select-split {metric} at the final epoch** is chosen; the select split "
+             f"is trained on by no method (meta-reweighting fits φ on the meta split, so choosing on it would favour "
+             f"meta). No choice reads a test number; the tables below show the test metrics of the chosen runs only. "
+             f"The *best fixed baseline* is the fixed-loss method whose chosen runs have the best mean select {metric}"
              + (" (one per variant of data.baselines_use_meta_split)" if len(groups) > 1 else "") + ". "
              f"Intervals are 95% Student-t intervals over seeds; differences are paired by seed.", ""]
     sweep_rows = []
