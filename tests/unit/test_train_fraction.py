@@ -65,3 +65,22 @@ def test_split_seed_fixes_the_test_set_across_train_seeds(tmp_path, monkeypatch)
 def test_bad_train_fraction_names_the_key(frac):
     with pytest.raises(ConfigError, match="data.train_fraction"):
         config_from_dict({"data": {"train_fraction": frac}})
+
+
+def test_resume_of_a_run_saved_before_the_new_data_keys(tmp_path):
+    import yaml
+
+    from trainer.config import config_to_dict
+    from trainer.engine.run_dir import RunDirError, check_resume_config
+
+    cfg = _cfg(tmp_path)
+    old = config_to_dict(cfg)
+    del old["data"]["split_seed"], old["data"]["train_fraction"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    check_resume_config(tmp_path, cfg, force=False)  # absent = the default it trained with: no change
+    cfg.data.train_fraction = 0.5
+    with pytest.raises(RunDirError, match=r"data.train_fraction: None -> 0.5"):
+        check_resume_config(tmp_path, cfg, force=False)
+    cfg.data.train_fraction, cfg.data.split_seed = 1.0, 4
+    with pytest.raises(RunDirError, match="data.split_seed"):
+        check_resume_config(tmp_path, cfg, force=False)

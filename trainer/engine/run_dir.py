@@ -34,12 +34,28 @@ def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
+    # a key added after the run was saved is absent there: it trained with that key's default, which is no change
+    defaults = config_to_dict(Config())
     changed = [d for d in diff_configs(saved, config_to_dict(cfg))
+               if not (_absent(saved, d[0]) and d[2] == _lookup(defaults, d[0]))]
+    changed = [d for d in changed
                if any(d[0] == g or (g.endswith(".") and d[0].startswith(g)) for g in RESUME_GUARDED)]
     if changed and not force:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise RunDirError(f"refusing to resume {run_dir}: the config changes what is trained:\n{lines}\n"
                           "(pass --force to resume anyway, or start a new run.name)")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _absent(tree: dict, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    node = _lookup(tree, ".".join(parents)) if parents else tree
+    return not isinstance(node, dict) or leaf not in node
 
 
 def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False) -> Path:
