@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.support.cli import REPO, run_cli, tiny_overrides
+from tests.support.cli import run_cli, tiny_overrides
+from tests.support.dist import torchrun
 from trainer.clinical_metrics import clinical_metrics
 from trainer.engine.inference import InferenceError, load_trained_model
 from trainer.reporting.report import load_run
@@ -42,8 +43,8 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def _eval(run, data, out, *extra, launcher=("-m", "launch.cli"), check=True):
-    return run_cli(*launcher, "eval", str(run), "--data", str(data), "--out", str(out), "--num-workers", "0",
+def _eval(run, data, out, *extra, check=True):
+    return run_cli("-m", "launch.cli", "eval", str(run), "--data", str(data), "--out", str(out), "--num-workers", "0",
                    "--n-boot", "50", *extra, check=check)
 
 
@@ -71,8 +72,8 @@ def test_eval_on_a_second_synthetic_set(trained, second_set, evaluated, tmp_path
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_eval_two_ranks_counts_every_image_once(trained, second_set, evaluated, tmp_path):
-    _eval(trained, second_set, tmp_path / "two", launcher=("-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                           "--master_port", "29731", "-m", "launch.cli"))
+    torchrun("-m", "launch.cli", "eval", str(trained), "--data", str(second_set), "--out", str(tmp_path / "two"),
+             "--num-workers", "0", "--n-boot", "50")
     one, two = load_run(evaluated), load_run(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["evaluated"]["ranks"] == 2
     assert len(set(two.source_ids)) == len(two.source_ids) == len(one.source_ids)
