@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 def add_eval_args(p) -> None:
     p.add_argument("checkpoint", help="run dir (its newest checkpoint) or a checkpoint dir")
     p.add_argument("--data", required=True, help="data set root (any supported layout)")
-    p.add_argument("--format", default="auto", help="data layout (default: detect)")
+    from trainer.config import CHOICES
+
+    p.add_argument("--format", default="auto", choices=CHOICES["data.format"], help="data layout (default: detect)")
     p.add_argument("--split", choices=["all", "test"], default="all")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
