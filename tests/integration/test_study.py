@@ -103,6 +103,11 @@ def test_study_killed_in_the_middle_resumes_without_repeating_finished_runs(synt
     assert "Paired comparison against `ce`" in report and "| focal | 0.5 | 1 | 2 |" in report
     assert (out / "study" / "figures" / "macro_f1_vs_train_fraction.png").is_file()
     assert (out / "study" / "figures" / "throughput_vs_world_size.png").is_file()
+    # --collect rebuilds the summary from the run dirs alone and does not log a second hparams session
+    (out / "study" / "results.csv").unlink()
+    run_cli("-m", "launch.cli", "study", str(path), "--collect", timeout=300)
+    with open(out / "study" / "results.csv") as f:
+        assert [r["macro_f1"] for r in csv.DictReader(f)] == [r["macro_f1"] for r in rows]
     _check_hparams(out / "runs" / names[0] / "tb", {"train.loss": "ce", "data.train_fraction": 0.5})
 
 
@@ -115,7 +120,7 @@ def _check_hparams(tb: Path, expected: dict) -> None:
     content = acc.PluginTagToContent("hparams")
     session = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
     starts = [s.session_start_info for s in session if s.HasField("session_start_info")]
-    assert starts, "no hparams session in the run's TensorBoard logs"
+    assert len(starts) == 1, f"{len(starts)} hparams sessions in the run's TensorBoard logs, expected 1"
     hp = starts[0].hparams
     assert hp["train.loss"].string_value == expected["train.loss"]
     assert hp["data.train_fraction"].number_value == expected["data.train_fraction"]
