@@ -21,7 +21,9 @@ log = logging.getLogger(__name__)
 def add_eval_args(p) -> None:
     p.add_argument("checkpoint", help="run dir (its newest checkpoint) or a checkpoint dir")
     p.add_argument("--data", required=True, help="data set root (any supported layout)")
-    p.add_argument("--format", default="auto", help="data layout (default: detect)")
+    from trainer.config import CHOICES
+
+    p.add_argument("--format", default="auto", choices=CHOICES["data.format"], help="data layout (default: detect)")
     p.add_argument("--split", choices=["all", "test"], default="all")
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=None, help="default: the run's train.eval_batch_size")
@@ -32,13 +34,14 @@ def add_eval_args(p) -> None:
 
 
 def _records(cfg, split: str):
+    from data_pipeline.dataset import load_records
     from data_pipeline.records import DataError
+    from data_pipeline.settings import DataSettings
     from data_pipeline.splits import make_splits
     from trainer.engine.inference import InferenceError
-    from trainer.engine.run_dir import load_records
 
     try:
-        records = load_records(cfg)
+        records = load_records(DataSettings.from_config(cfg))
     except DataError as e:
         if "outside 0.." in str(e):
             raise InferenceError(f"{cfg.data.root}: labels outside the checkpoint's {cfg.model.num_classes} classes "
@@ -69,6 +72,7 @@ def run_eval(args, *, debug: bool = False) -> dict:
 
     from data_pipeline.backends.torch_backend import TorchEvalStream
     from data_pipeline.records import class_names
+    from data_pipeline.settings import DataSettings
     from trainer.clinical_metrics import bootstrap_clinical
     from trainer.engine.accel import build_accelerator
     from trainer.engine.evaluation import evaluate
@@ -90,7 +94,7 @@ def run_eval(args, *, debug: bool = False) -> dict:
     _check_prepared_size(cfg)
     records = _records(cfg, args.split)
     model = loaded.model.to(acc.device)
-    stream = TorchEvalStream(records, cfg, acc.process_index, acc.num_processes)
+    stream = TorchEvalStream(records, DataSettings.from_config(cfg), acc.process_index, acc.num_processes)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" and acc.device.type == "cuda" else None
     metrics, pred = evaluate(model, stream, acc, cfg.model.num_classes, referable_from=cfg.eval.referable_from,
                              input_dtype=dtype)

@@ -14,6 +14,8 @@ from launch.study.spec import RunSpec, Study, load_study
 
 log = logging.getLogger(__name__)
 
+HPARAMS_MARKER = ".hparams_logged"  # one hparams session per run, however often the study is collected
+
 
 def log_hparams(study: Study, run: RunSpec, run_dir: Path) -> None:
     """The run's grid values (and its headline test metrics) in TensorBoard's hparams plugin, in the run's tb dir:
@@ -25,7 +27,8 @@ def log_hparams(study: Study, run: RunSpec, run_dir: Path) -> None:
     from launch.study.results import metric_values
 
     tb = run_dir / "tb"
-    if not tb.is_dir():  # logging.tensorboard=false
+    marker = tb / HPARAMS_MARKER
+    if not tb.is_dir() or marker.exists():  # logging.tensorboard=false, or logged before
         return
     hparams = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in run.cell}
     hparams.update({"world_size": run.world_size, "train.seed": run.seed})
@@ -33,12 +36,17 @@ def log_hparams(study: Study, run: RunSpec, run_dir: Path) -> None:
     metrics = {f"hparam/{k}": v for k, v in metric_values(test).items() if v is not None}
     with SummaryWriter(log_dir=str(tb)) as w:
         w.add_hparams(hparams, metrics, run_name=".")
+    marker.write_text("")
 
 
 def _summarise(study: Study, argv_text: str) -> list[dict]:
     from launch.study.report import write_study_report
     from launch.study.results import collect, write_results
+    from launch.study.runner import is_finished
 
+    for run in study.runs:  # runs finished elsewhere (a SLURM array) get their hparams here
+        if is_finished(study.runs_dir / run.name):
+            log_hparams(study, run, study.runs_dir / run.name)
     rows = collect(study)
     results = write_results(study, rows)
     if study.selection is not None:

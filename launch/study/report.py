@@ -150,6 +150,7 @@ def draw_figures(study: Study, rows: list[dict], fig_dir: Path) -> list[tuple[st
         a2.axhline(1.0, color="grey", lw=0.8, ls="--")
         for a in (a1, a2):
             a.grid(alpha=0.3)
+            a.set_xticks(sorted(study.world_sizes))
         a1.legend(fontsize=7)
         path = fig_dir / "throughput_vs_world_size.png"
         fig.tight_layout()

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from common.atomic import atomic_write_text
+from common.errors import UserError
 from launch.study.spec import RunSpec, Study
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ LOCK_FILE = ".lock"
 _PR_SET_PDEATHSIG = 1
 
 
-class StudyBusy(RuntimeError):
+class StudyBusy(UserError, RuntimeError):
     """Another study process holds this out dir."""
 
 

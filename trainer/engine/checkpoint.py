@@ -23,12 +23,14 @@ import shutil
 import signal
 from pathlib import Path
 
+from common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint (or a write that failed, e.g. disk full); names the path."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from common.errors import UserError
 from trainer.config import Config, load_config
 from trainer.engine.checkpoint import MARKER, CheckpointError, list_checkpoints
 
@@ -24,7 +25,7 @@ DEEPSPEED_TAG = "pytorch_model"  # the folder Accelerate gives DeepSpeed's save_
 _PREFIXES = ("module.", "_orig_mod.")  # DDP and torch.compile wrappers
 
 
-class InferenceError(ValueError):
+class InferenceError(UserError, ValueError):
     """The checkpoint cannot be used as asked (missing, wrong shape, partitioned weights): one line, how to fix."""
 
 

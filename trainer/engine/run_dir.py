@@ -1,21 +1,20 @@
-"""The run directory and the data tables behind it: records, splits.csv, resolved config.
+"""The run directory: resolved config, resume checks, and the split tables shared by every rank (splits.csv).
 
 Only the main process writes; the others wait at a barrier and read what it wrote, so every rank trains on the
 byte-identical split (splits.csv is the single source of truth, re-used unchanged on resume).
 """
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
-from data_pipeline.readers import detect_format, read_dataset
+from data_pipeline.dataset import load_records
 from data_pipeline.records import DataError, Record
+from data_pipeline.settings import DataSettings
 from data_pipeline.splits import load_or_make_splits, with_meta_in_train
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
-
-log = logging.getLogger(__name__)
+from common.errors import UserError
 
 # Keys that change what is trained on or what is being trained: a resume that changes them is refused.
 RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.split_seed", "data.train_fraction",
@@ -23,60 +22,8 @@ RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.spli
                   "train.loss", "train.seed", "train.batch_size")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """The run dir cannot be used as asked (exists without --overwrite/--resume, or config changed on resume)."""
-
-
-def synthetic_records(n: int, num_classes: int) -> list[Record]:
-    """Fake table for `data.backend: synthetic` without a data set: APTOS-like imbalance, no files."""
-    props = [1805, 370, 999, 193, 295][:num_classes] if num_classes <= 5 else [1] * num_classes
-    total = sum(props)
-    out, i = [], 0
-    for k, p in enumerate(props):
-        for _ in range(max(3, round(n * p / total))):
-            out.append(Record(path="", label=k, source_id=f"synthetic_{i:06d}"))
-            i += 1
-    return out
-
-
-def check_image_headers(records: list[Record], *, skip_bad: bool) -> list[Record]:
-    """Open every image's header (no pixel decode: ~0.1 ms each) before training starts.
-
-    A zero-byte or non-image file in the test split would otherwise surface only at the final evaluation, after
-    the whole run; here every such file is named at once (or dropped with a warning under data.skip_bad).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    bad = []
-    for r in records:
-        try:
-            with Image.open(r.path) as im:
-                im.size  # noqa: B018 -- parsing the header is the check
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            bad.append((r, str(e).split("\n")[0]))
-    if not bad:
-        return records
-    listing = "\n".join(f"  {r.path} (id {r.source_id!r}): {why}" for r, why in bad[:50])
-    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-    if not skip_bad:
-        raise DataError(f"{len(bad)} unreadable image(s):\n{listing}{more}\n(run `metaloss prepare` to quarantine "
-                        "them, or set data.skip_bad=true to train without them)")
-    log.warning("skipping %d unreadable image(s) (data.skip_bad):\n%s%s", len(bad), listing, more)
-    dropped = {id(r) for r, _ in bad}
-    return [r for r in records if id(r) not in dropped]
-
-
-def load_records(cfg: Config) -> list[Record]:
-    if cfg.data.backend == "synthetic" and not cfg.data.root:
-        return synthetic_records(cfg.data.synthetic_samples, cfg.model.num_classes)
-    if not cfg.data.root:
-        raise DataError("config key 'data.root' is empty: point it at a data set (or use data.backend=synthetic)")
-    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.root)
-    records = read_dataset(fmt, cfg.data.root, num_classes=cfg.model.num_classes, path_col=cfg.data.path_col,
-                           label_col=cfg.data.label_col, skip_bad=cfg.data.skip_bad)
-    if cfg.data.backend == "synthetic":
-        return records
-    return check_image_headers(records, skip_bad=cfg.data.skip_bad)
 
 
 def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
@@ -87,12 +34,28 @@ def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
+    # a key added after the run was saved is absent there: it trained with that key's default, which is no change
+    defaults = config_to_dict(Config())
     changed = [d for d in diff_configs(saved, config_to_dict(cfg))
+               if not (_absent(saved, d[0]) and d[2] == _lookup(defaults, d[0]))]
+    changed = [d for d in changed
                if any(d[0] == g or (g.endswith(".") and d[0].startswith(g)) for g in RESUME_GUARDED)]
     if changed and not force:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise RunDirError(f"refusing to resume {run_dir}: the config changes what is trained:\n{lines}\n"
                           "(pass --force to resume anyway, or start a new run.name)")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _absent(tree: dict, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    node = _lookup(tree, ".".join(parents)) if parents else tree
+    return not isinstance(node, dict) or leaf not in node
 
 
 def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False) -> Path:
@@ -133,11 +96,11 @@ def on_main_then_share(accelerator, fn):
     return box[0]
 
 
-def load_splits(cfg: Config, run_dir: Path, accelerator) -> dict[str, list[Record]]:
+def load_splits(data: DataSettings, run_dir: Path, accelerator) -> dict[str, list[Record]]:
+    """The run's split tables: read the data set (data_pipeline) on the main process, splits.csv in the run dir."""
     def make():
-        split_seed = cfg.train.seed if cfg.data.split_seed is None else cfg.data.split_seed
-        return load_or_make_splits(run_dir, load_records(cfg), cfg.data.split_fractions, split_seed,
-                                   cfg.model.num_classes, train_fraction=cfg.data.train_fraction)
+        return load_or_make_splits(run_dir, load_records(data), list(data.split_fractions), data.split_seed,
+                                   data.num_classes, train_fraction=data.train_fraction)
     return on_main_then_share(accelerator, make)
 
 

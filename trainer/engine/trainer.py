@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from data_pipeline.records import class_names
 from data_pipeline.factory import build_streams
+from data_pipeline.settings import DataSettings
 
 from trainer.engine.accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
 from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
@@ -29,11 +30,12 @@ from trainer.engine.provenance import write_preprocessing
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits, stream_tables
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training stopped on purpose (too many bad steps); the last good state was checkpointed."""
 
 
@@ -47,10 +49,11 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
             cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force))
-        self.splits = load_splits(cfg, self.run_dir, acc)
+        data = DataSettings.from_config(cfg)  # all the data layer reads of the config
+        self.splits = load_splits(data, self.run_dir, acc)
         if acc.is_main_process:
             write_preprocessing(cfg, self.run_dir)  # so `metaloss predict` can repeat it on raw images
-        self.streams = build_streams(cfg, stream_tables(cfg, self.splits), acc.process_index, acc.num_processes,
+        self.streams = build_streams(data, stream_tables(cfg, self.splits), acc.process_index, acc.num_processes,
                                      device=acc.device)
         k = cfg.model.num_classes
         self.class_names = class_names(k)

@@ -24,6 +24,7 @@ from trainer.comparison.control import read_control_record
 from trainer.reporting import figures
 from trainer.reporting.clinical_report import clinical_table_markdown
 from trainer.metrics import confusion_matrix, metrics_from_confusion
+from common.errors import UserError
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions_test.csv"
@@ -36,7 +37,7 @@ _MAX_LISTED = 20  # problems listed in one error; the rest are counted
 _BOOT_CHUNK = 64  # bootstrap resamples drawn per chunk: bounds memory at 64 x n indices for large test sets
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """A run dir the report cannot use; the message names the file and every offending key or line."""
 
 
