@@ -6,7 +6,7 @@ and the comparison section of the report (the choosing itself is trainer/compari
       tune: [optim.lr, meta.lr]   # grid keys that are settings of a method, not methods (chosen per cell and seed)
       controls: true              # CE at lr × mean meta weight beside every chosen meta run (default true)
 
-Flow: every grid run; then, per meta cell and seed, the chosen run's control (``launch.train RUN/config.yaml
+Parsing and checking the section live in spec.py (with the rest of the study file). Flow: every grid run; then, per meta cell and seed, the chosen run's control (``launch.train RUN/config.yaml
 --control-of RUN``, run dir ``<run>_ce_control``); then results.csv (controls as rows with ``control_of``) and the
 report's comparison section. Controls depend on the choices, so a SLURM array holds the grid runs only: after it,
 the ordinary `metaloss study` command skips the finished runs and trains the controls.
@@ -14,51 +14,12 @@ the ordinary `metaloss study` command skips the finished runs and trains the con
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
-from launch.study.spec import METRICS, RunSpec, Study, StudyError
+from launch.study.spec import RunSpec, Study
 from trainer.comparison.selection import LOSS_KEY, choose_settings, is_fixed_loss, select_column
 
 CONTROL_SUFFIX = "_ce_control"
 _REPORT_METRICS = ("macro_f1", "accuracy", "qwk")
-
-
-@dataclass(frozen=True)
-class Selection:
-    metric: str
-    tune: tuple[str, ...]
-    controls: bool = True
-
-
-def parse_selection(data, grid: dict, where: str) -> Selection | None:
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise StudyError(f"{where}: 'selection' must be a mapping with keys metric, tune, controls")
-    unknown = sorted(set(data) - {"metric", "tune", "controls"})
-    if unknown:
-        raise StudyError(f"{where}: unknown key(s) {unknown} under 'selection' (known: metric, tune, controls)")
-    metric = str(data.get("metric", "macro_f1"))
-    if metric not in METRICS:
-        raise StudyError(f"{where}: 'selection.metric' must be one of {', '.join(METRICS)}, got {metric!r}")
-    tune = data.get("tune") or []
-    if not isinstance(tune, list) or not all(isinstance(k, str) for k in tune):
-        raise StudyError(f"{where}: 'selection.tune' must be a list of grid keys, got {tune!r}")
-    missing = [k for k in tune if k not in grid]
-    if missing:
-        raise StudyError(f"{where}: 'selection.tune' names {missing}, which are not grid keys (a setting to choose "
-                         "must be swept in 'grid')")
-    controls = data.get("controls", True)
-    if not isinstance(controls, bool):
-        raise StudyError(f"{where}: 'selection.controls' must be true or false, got {controls!r}")
-    return Selection(metric, tuple(tune), controls)
-
-
-def check_select_split(study: Study, cfg, run: RunSpec) -> None:
-    if study.selection is not None and len(cfg.data.split_fractions) != 4:
-        raise StudyError(f"{study.path}: run {run.name}: 'selection' chooses on the select split, but "
-                         f"data.split_fractions is {cfg.data.split_fractions}: give 4 fractions (train, meta, "
-                         "select, test), e.g. set: {data.split_fractions: [0.6, 0.15, 0.1, 0.15]}")
 
 
 def cell_keys(study: Study) -> list[str]:

@@ -75,7 +75,7 @@ class Study:
     split_seed: int
     metric: str
     runs: list[RunSpec] = field(default_factory=list)
-    selection: Any = None  # launch.study.selection.Selection when the file has a 'selection' section
+    selection: "Selection | None" = None  # the file's 'selection' section (launch/study/selection.py)
 
     @property
     def runs_dir(self) -> Path:
@@ -162,8 +162,6 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     study = Study(path=path, name=name, base=base, out=Path(out or data.get("out") or Path("runs") / name),
                   fixed=fixed, grid=grid, seeds=_list_of(data, "seeds", int, [0], str(path)),
                   world_sizes=world_sizes, split_seed=split_seed, metric=metric)
-    from launch.study.selection import parse_selection
-
     study.selection = parse_selection(data.get("selection"), grid, str(path))
     study.runs = expand_runs(study)
     check_configs(study)
@@ -194,11 +192,50 @@ def check_configs(study: Study) -> None:
     """Build every run's config before anything runs: a bad key fails the study at once, naming the run."""
     if not study.base.is_file():
         raise StudyError(f"{study.path}: base config not found: {study.base}")
-    from launch.study.selection import check_select_split
-
     for run in study.runs:
         try:
             cfg = load_config(study.base, study.overrides(run))
         except ConfigError as e:
             raise StudyError(f"{study.path}: run {run.name}: {e}") from None
         check_select_split(study, cfg, run)
+
+
+# --- the `selection` section (choosing settings on the select split; used by launch/study/selection.py) ---
+
+
+@dataclass(frozen=True)
+class Selection:
+    metric: str
+    tune: tuple[str, ...]
+    controls: bool = True
+
+
+def parse_selection(data, grid: dict, where: str) -> Selection | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise StudyError(f"{where}: 'selection' must be a mapping with keys metric, tune, controls")
+    unknown = sorted(set(data) - {"metric", "tune", "controls"})
+    if unknown:
+        raise StudyError(f"{where}: unknown key(s) {unknown} under 'selection' (known: metric, tune, controls)")
+    metric = str(data.get("metric", "macro_f1"))
+    if metric not in METRICS:
+        raise StudyError(f"{where}: 'selection.metric' must be one of {', '.join(METRICS)}, got {metric!r}")
+    tune = data.get("tune") or []
+    if not isinstance(tune, list) or not all(isinstance(k, str) for k in tune):
+        raise StudyError(f"{where}: 'selection.tune' must be a list of grid keys, got {tune!r}")
+    missing = [k for k in tune if k not in grid]
+    if missing:
+        raise StudyError(f"{where}: 'selection.tune' names {missing}, which are not grid keys (a setting to choose "
+                         "must be swept in 'grid')")
+    controls = data.get("controls", True)
+    if not isinstance(controls, bool):
+        raise StudyError(f"{where}: 'selection.controls' must be true or false, got {controls!r}")
+    return Selection(metric, tuple(tune), controls)
+
+
+def check_select_split(study: Study, cfg, run: RunSpec) -> None:
+    if study.selection is not None and len(cfg.data.split_fractions) != 4:
+        raise StudyError(f"{study.path}: run {run.name}: 'selection' chooses on the select split, but "
+                         f"data.split_fractions is {cfg.data.split_fractions}: give 4 fractions (train, meta, "
+                         "select, test), e.g. set: {data.split_fractions: [0.6, 0.15, 0.1, 0.15]}")
