@@ -132,8 +132,11 @@ def comparison_markdown(rows: list[dict], *, cell_keys: Sequence[str], tune_keys
     for cell, (vals, scale) in control_vals.items():
         test_rows.append([f"CE control of {method_label(cell)} (lr × mean meta weight, {scale})",
                           len(vals[test_metrics[0]]), *(_fmt_interval(list(vals[m].values())) for m in test_metrics)])
+    star_note = ""
+    if marks:
+        star_note = "★ = best fixed baseline" + (" (one per data variant). " if len(marks) > 1 else ". ")
     lines += ["### Test metrics of the chosen settings (mean ± std [95% interval] over seeds)", "",
-              ("★ = best fixed baseline. " if marks else "") + "A control row is CE trained exactly like the chosen "
+              star_note + "A control row is CE trained exactly like the chosen "
               "meta run but with its learning rate multiplied by that run's mean meta weight; meta − control is what "
               "the look-ahead contributes beyond rescaling the step.", "",
               _table(["method", "seeds", *test_metrics], test_rows), ""]
