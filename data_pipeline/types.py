@@ -1,6 +1,7 @@
 """The data contract: what every stream backend yields and the trainer relies on (nothing else).
 
-The factory that picks a backend is :mod:`data_pipeline.factory`; backends live in :mod:`data_pipeline.backends`.
+The factory that picks a backend is :mod:`data_pipeline.factory`; backends live in :mod:`data_pipeline.backends`;
+what they share (epoch permutation, rank shards, stream position) in :mod:`data_pipeline.sharding`.
 Contract shared by every backend (``torch``, ``dali``, ``synthetic``) -- the trainer relies on nothing else:
 
 * ``streams.train``: iterable over ONE epoch of this rank's shard, yielding :class:`Batch`; ``len()`` = batches per
@@ -25,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
 from data_pipeline.records import DataError
-from data_pipeline.sharding import shard_indices  # noqa: F401 -- part of the contract's public names
 
 if TYPE_CHECKING:  # the contract itself needs no torch: importing it stays cheap
     import torch
+
 
 @dataclass
 class Batch:
