@@ -173,7 +173,10 @@ class StudyRunner:
         if is_finished(run_dir):
             self._record(run, status="done", error="", exit_code=rc, wall_s=wall_total)
             if self.after_run is not None:
-                self.after_run(run, run_dir)
+                try:
+                    self.after_run(run, run_dir)
+                except Exception as e:  # noqa: BLE001 -- bookkeeping (hparams) must not stop the study
+                    log.warning("study: %s finished, but its post-run step failed: %s", run.name, e)
             log.info("study [%d/%d] %s: done in %.0f s", index, total, run.name, wall)
         elif self.stop_signal is not None or rc == 0:  # rc 0 without metrics: the training was pre-empted
             self._record(run, status="interrupted", error="", exit_code=rc, wall_s=wall_total)

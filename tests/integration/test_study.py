@@ -112,15 +112,18 @@ def test_study_killed_in_the_middle_resumes_without_repeating_finished_runs(synt
 
 
 def _check_hparams(tb: Path, expected: dict) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    """Read every event file of the run's tb dir: exactly one hparams session, holding the run's grid values."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    acc = EventAccumulator(str(tb))
-    acc.Reload()
-    content = acc.PluginTagToContent("hparams")
-    session = [plugin_data_pb2.HParamsPluginData.FromString(c) for c in content.values()]
-    starts = [s.session_start_info for s in session if s.HasField("session_start_info")]
-    assert len(starts) == 1, f"{len(starts)} hparams sessions in the run's TensorBoard logs, expected 1"
+    starts = []
+    for events in sorted(tb.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(events)).Load():
+            for value in event.summary.value:
+                if value.tag == "_hparams_/session_start_info":
+                    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                    starts.append(data.session_start_info)
+    assert len(starts) == 1, f"{len(starts)} hparams sessions in {tb}, expected 1"
     hp = starts[0].hparams
     assert hp["train.loss"].string_value == expected["train.loss"]
     assert hp["data.train_fraction"].number_value == expected["data.train_fraction"]

@@ -75,3 +75,15 @@ def test_tensorboard_tags():
     tags = tensorboard_scalars("test", clinical_metrics(Y, P, 4, 2), ["g0", "g1", "g2", "g3"])
     assert tags["test/referable/auc"] == pytest.approx(7.5 / 9)
     assert tags["test/auc/g1"] == 1.0 and "test/ece" in tags and "test/auc_macro" in tags
+
+
+def test_auc_agrees_with_scikit_learn_including_ties():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    probs = rng.dirichlet(np.ones(5), 300).round(2)  # rounding makes many ties
+    m = clinical_metrics(y, probs, 5, 2)
+    assert m["referable"]["auc"] == pytest.approx(roc_auc_score(y >= 2, probs[:, 2:].sum(1)), abs=1e-12)
+    for k in range(5):
+        assert m["auc_ovr"][k] == pytest.approx(roc_auc_score(y == k, probs[:, k]), abs=1e-12)
