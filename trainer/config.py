@@ -17,7 +17,7 @@ import yaml
 from data_pipeline.backends.registry import BACKENDS, DALI_SHARDING
 from data_pipeline.readers.registry import FORMATS
 from trainer.components.loss_registry import LOSSES
-from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS
+from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS, lagged_real_step_needs
 from common.errors import UserError
 
 
@@ -39,7 +39,15 @@ class DataConfig:
     # auto | dali | torch | synthetic ; auto = dali for a prepared dir when nvidia.dali imports, else torch
     backend: str = "auto"
     image_size: int = 224
+    # train, meta, test -- or train, meta, select, test: `select` is scored at the final epoch and no method trains
+    # on it (settings are chosen by it in a study; choosing on meta would be in-sample for meta-reweighting)
     split_fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])
+    # fixed losses (every train.loss but meta) train on train ∪ meta, so they see the labels meta-reweighting sees
+    baselines_use_meta_split: bool = False
+    # seed of the train/meta/test split; null = train.seed. A study fixes it so every seed is tested on the same images
+    split_seed: Optional[int] = None
+    # stratified subsample of the train split only (meta and test unchanged); smaller fractions nest in larger ones
+    train_fraction: float = 1.0
     num_workers: int = 2
     # generic CSV layout
     path_col: str = "path"
@@ -114,17 +122,13 @@ class MetaConfig:
     lookahead_lr: float = 0.0
     # run the meta step every N real steps
     every: int = 1
-    # exact/head: reuse the real step's forward of the train batch (one forward per step); false = a separate
-    # forward in the meta step (lower peak memory: the train activations are not held through the look-ahead)
+    # exact/head reuse the real step's forward of the train batch; false = own forward (lower peak memory)
     share_forward: bool = True
-    # exact/forward_ad with the shared forward on a ResNet/TinyCNN: push only tangents through the saved activations
-    # instead of a whole dual-number forward (same value, ~one forward cheaper; trainer/meta/tangents.py)
+    # exact: tangents through the shared forward's saved activations instead of a dual forward (meta/tangents.py)
     reuse_activations: bool = True
-    # same | fp32: precision of the look-ahead passes. "same" = the run's train.precision (autocast), "fp32" = the
-    # meta step without autocast (its own fp32 forward then: the shared forward is low precision); docs/PERFORMANCE.md
+    # same | fp32: look-ahead at train.precision (autocast) or in fp32 (own forward); docs/PERFORMANCE.md
     precision: str = "same"
-    # updated (paper): the real step weighs with the just-updated φ | lagged: it reuses the look-ahead's virtual
-    # gradient, i.e. the weights of φ before this meta update (one backward less; needs exact + detach_features)
+    # updated (paper: weights of the just-updated φ) | lagged (reuse the virtual gradient: φ one update behind)
     real_step: str = "updated"
     # sample granularity: append the one-hot class to the per-sample loss feature
     sample_one_hot: bool = False
@@ -171,6 +175,9 @@ class EvalConfig:
     # evaluate the meta split every N epochs (and always after the last one); on many GPUs an epoch can be a few
     # steps long, and each evaluation decodes the whole meta split
     every_epochs: int = 1
+    # referable DR = grade >= referable_from (2 = moderate or worse, the usual clinical definition); null, or a value
+    # outside 1..num_classes-1, = no referable metrics (labels that are not an ordered grade scale)
+    referable_from: Optional[int] = 2
 
 
 @dataclass
@@ -287,16 +294,20 @@ def _validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
     fr = cfg.data.split_fractions
-    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ConfigError(f"config key 'data.split_fractions': need 3 positive fractions summing to 1, got {fr}")
+    if len(fr) not in (3, 4) or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'data.split_fractions': need 3 (train, meta, test) or 4 (train, meta, "
+                          f"select, test) positive fractions summing to 1, got {fr}")
     for dotted in ("train.batch_size", "train.eval_batch_size", "data.image_size", "model.num_classes",
                    "meta.every", "logging.every_steps", "checkpoint.keep_last", "train.max_bad_steps",
                    "eval.every_epochs", "checkpoint.every_epochs"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")
-    if cfg.train.loss == "meta" and cfg.meta.real_step == "lagged":
-        _validate_lagged(cfg)
+    lagged_needs = lagged_real_step_needs(cfg) if cfg.train.loss == "meta" else []
+    if lagged_needs:
+        raise ConfigError(f"config key 'meta.real_step': lagged needs {', '.join(lagged_needs)}")
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.train_fraction': must be in (0, 1], got {cfg.data.train_fraction}")
     if not 0.0 <= cfg.data.dali_hw_decoder_load <= 1.0:
         raise ConfigError("config key 'data.dali_hw_decoder_load': must be in [0, 1], got "
                           f"{cfg.data.dali_hw_decoder_load}")
@@ -304,19 +315,6 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"config key '{dotted}': must be >= 0")
-
-
-def _validate_lagged(cfg: Config) -> None:
-    """meta.real_step=lagged reuses the virtual gradient as the real one: only equal with detached features, and
-    only handled without a GradScaler / DeepSpeed engine / separate fp32 look-ahead."""
-    m, t = cfg.meta, cfg.train
-    problems = [(m.lookahead != "exact", "meta.lookahead=exact"), (not m.detach_features, "meta.detach_features=true"),
-                (t.precision == "fp16", "train.precision fp32 or bf16"), (t.distributed == "deepspeed",
-                 "train.distributed=ddp"), (m.precision != "same", "meta.precision=same"),
-                (cfg.model.compile, "model.compile=false")]
-    needs = [need for bad, need in problems if bad]
-    if needs:
-        raise ConfigError(f"config key 'meta.real_step': lagged needs {', '.join(needs)}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
