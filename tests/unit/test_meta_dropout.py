@@ -120,3 +120,64 @@ def test_exact_equals_second_order_on_a_small_vit_with_dropout():
     oracle, _ = _grad(problem, "second_order", "class", "sgd")
     assert oracle.norm() > 1e-6
     assert rel_err(exact, oracle) <= 1e-6
+
+
+def _shared_step_meta_gradient(problem, granularity, directional, monkeypatch, *, seed=5):
+    """One trainer step (StepRunner, ``meta.share_forward``) on the dropout net: the meta-gradient it applied to φ,
+    the φ it started from, and the runner."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from data_pipeline.types import Batch
+    from trainer.components.losses import build_loss
+    from trainer.components.optim import build_optimizer, build_scheduler
+    from trainer.config import config_from_dict
+    from trainer.engine.steps import StepRunner
+
+    model0, _, (x, y), (xm, ym) = problem
+    cfg = config_from_dict({"train": {"loss": "meta", "cpu": True},
+                            "meta": {"granularity": granularity, "lookahead": "exact", "directional": directional,
+                                     "share_forward": True, "lookahead_lr": LR, "sample_one_hot": True},
+                            "optim": {"lr": 1e-2}})
+    model = copy.deepcopy(model0)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), fused=True)
+    acc = Accelerator(cpu=True)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, build_scheduler(cfg.optim, optimizer, 4))
+    torch.manual_seed(1)
+    rw = MetaReweighter(cfg.meta, num_classes=K, dtype=torch.float64)
+    start = copy.deepcopy(rw.weighting)
+    applied = []
+    update = rw.update
+    monkeypatch.setattr(rw, "update", lambda grads: (applied.append(flat(grads)), update(grads)))
+    runner = StepRunner(model=model, optimizer=optimizer, scheduler=scheduler,
+                        loss_fn=build_loss("meta", cfg.loss, [1] * K, 1), reweighter=rw,
+                        meta_stream=iter([Batch(xm, ym, torch.arange(len(ym)))]), accelerator=acc, cfg=cfg)
+    assert runner.share_forward and not runner.record  # dropout: no saved-activation tangents, the dual pass
+    torch.manual_seed(seed)  # the shared real forward draws the masks the oracle's train forward draws
+    runner(Batch(x, y, torch.arange(len(y))), 0)
+    assert int(acc.unwrap_model(model).stem[1].num_batches_tracked) == int(model0.stem[1].num_batches_tracked) + 1
+    return applied[0], start
+
+
+@pytest.mark.parametrize("granularity,directional", [("class", "forward_ad"), ("sample", "fd")])
+def test_shared_forward_step_equals_second_order_with_dropout(problem, granularity, directional, monkeypatch):
+    """The trainer's shared forward draws the masks; exact's directional pass must replay *those* (the step snapshots
+    the generators before its forward and hands the snapshot on)."""
+    model, _, train, meta = problem
+    shared, weighting = _shared_step_meta_gradient(problem, granularity, directional, monkeypatch)
+    torch.manual_seed(5)
+    oracle, _ = second_order_meta_gradient(model, train, meta, LR, weighting, detach_features=False)
+    assert flat(oracle).norm() > 1e-4
+    assert rel_err(shared, flat(oracle)) <= (1e-6 if directional == "forward_ad" else 2e-6)
+
+
+def test_shared_forward_without_the_snapshot_disagrees(problem, monkeypatch):
+    """Negative control: a snapshot taken inside the meta step (after the shared forward) replays other masks."""
+    import trainer.engine.steps as steps
+
+    monkeypatch.setattr(steps, "RngSnapshot", lambda device: None)
+    shared, weighting = _shared_step_meta_gradient(problem, "class", "forward_ad", monkeypatch)
+    torch.manual_seed(5)
+    oracle, _ = second_order_meta_gradient(problem[0], problem[2], problem[3], LR, weighting, detach_features=False)
+    assert rel_err(shared, flat(oracle)) > 1e-2
