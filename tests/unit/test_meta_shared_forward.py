@@ -82,3 +82,31 @@ def test_fp32_look_ahead_under_deepspeed_bf16_is_refused():
                             "meta": {"precision": "fp32"}})
     with pytest.raises(ConfigError, match="meta.precision"):
         check_distributed_config(cfg)
+
+
+@pytest.mark.parametrize("out", [None, "virtual_out", "mean_grad_out"])
+def test_shared_graph_is_kept_only_for_a_real_backward(out):
+    """The shared forward's graph stays alive after the meta step only when the real step back-propagates through
+    it; lagged (virtual_out) and rescale (mean_grad_out) take their real gradient from the meta step, so their train
+    activations are freed before the meta batch's forward (peak memory)."""
+    import torch.nn.functional as F
+
+    from tests.support.shared_forward import K, batches
+    from trainer.components.models import TinyCNN
+    from trainer.meta import MetaReweighter
+
+    torch.manual_seed(0)
+    model = TinyCNN(K).double().train()
+    rw = MetaReweighter.from_dict({"granularity": "batch", "detach_features": out == "mean_grad_out"}, K,
+                                  dtype=torch.float64)
+    b, mb = batches(0, 1, 8, salt=1)[0], batches(0, 1, 6, salt=2)[0]
+    losses = F.cross_entropy(model(b.images), b.labels, reduction="none")
+    extra = {} if out is None else {out: []}
+    rw.meta_gradient(model, (b.images, b.labels), (mb.images, mb.labels), 0.5, train_losses=losses, **extra)
+    if out is None:
+        losses.mean().backward()  # the real backward through the shared graph
+        assert all(p.grad is not None for p in model.parameters())
+    else:
+        assert len(extra[out]) == len(list(model.parameters()))
+        with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+            losses.mean().backward()

@@ -153,6 +153,8 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     Step 1 then takes the virtual gradient from that graph with ``retain_graph=True`` instead of running the
     network again; the caller back-propagates its real loss through the same graph afterwards.
     ``virtual_out``: receives the virtual gradient ∇θ L_w (``meta.real_step: lagged`` uses it as the real one).
+    With ``virtual_out`` or ``mean_grad_out`` the caller takes its real gradient from here: the graph of
+    ``train_losses`` is not retained (no backward follows).
     ``mean_grad_out``: batch granularity + detached features only, receives ∇θ mean(ℓ): the real step's gradient is
     then w_new·∇θ mean(ℓ) exactly, with no backward of its own.
     ``saved``: a ``tangents.ActivationRecorder`` that watched the shared forward; step 3 then pushes only tangents
@@ -171,7 +173,10 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     # ∇θ L_w = w ∇θ mean(ℓ) and S only needs mean_i d_i = ⟨v, ∇θ mean(ℓ)⟩ -- a dot product with a gradient
     # step 1 already has. The third network pass (dual or finite-difference forwards) is skipped.
     shared_weight = weighting.granularity == "batch" and detach_features
-    retain = train_losses is not None
+    # keep the shared graph alive only for a caller that back-propagates through it afterwards: with virtual_out
+    # (lagged) or mean_grad_out (rescale) the real gradient comes from here, and freeing the train activations now
+    # keeps them out of the meta batch's forward/backward below (peak memory)
+    retain = train_losses is not None and virtual_out is None and mean_grad_out is None
     rng = rng or RngSnapshot(x.device)  # step 3 replays step 1's dropout / stochastic-depth draws
     with frozen_batchnorm(module), torch.enable_grad():
         # 1. virtual gradient at θ (the meta-net part of this graph is not differentiated here)
