@@ -110,3 +110,43 @@ def test_shared_graph_is_kept_only_for_a_real_backward(out):
         assert len(extra[out]) == len(list(model.parameters()))
         with pytest.raises(RuntimeError, match="backward through the graph a second time"):
             losses.mean().backward()
+
+
+@pytest.mark.parametrize("init_scale,skipped", [(2.0 ** 10, False), (2.0 ** 100, True)])
+def test_shared_forward_under_fp16_grad_scaler(init_scale, skipped):
+    """fp16 autocast + GradScaler: the virtual gradient taken from the shared graph is scaled and unscaled like the
+    two-forward path's (same meta-gradient), an overflow still skips the meta step with zero grads, and the graph is
+    still there for the real (scaled) backward afterwards."""
+    import torch.nn.functional as F
+
+    from tests.support.shared_forward import K, batches
+    from trainer.components.models import TinyCNN
+    from trainer.meta import MetaReweighter
+
+    def fp16():
+        return torch.autocast("cpu", dtype=torch.float16)
+
+    torch.manual_seed(0)
+    model = TinyCNN(K).train()
+    b, mb = batches(0, 1, 16, salt=1)[0], batches(0, 1, 12, salt=2)[0]
+    x, y, xm, ym = b.images.float(), b.labels, mb.images.float(), mb.labels
+    grads = {}
+    for shared in (False, True):
+        torch.manual_seed(1)
+        rw = MetaReweighter.from_dict({"granularity": "class"}, K)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        with fp16():
+            losses = F.cross_entropy(model(x).float(), y, reduction="none")
+        extra = {"train_losses": losses} if shared else {}
+        grads[shared] = torch.cat([g.reshape(-1) for g in rw.meta_gradient(
+            model, (x, y), (xm, ym), 0.1, autocast=fp16, grad_scaler=scaler, **extra)])
+        assert rw.last_skipped is skipped
+        assert scaler.get_scale() == init_scale  # the meta step reads the scale, never updates it
+        scaler.scale(losses.mean()).backward()  # the real backward: the shared graph was retained
+        assert all(p.grad is not None for p in model.parameters())
+        model.zero_grad(set_to_none=True)
+    if skipped:
+        assert torch.equal(grads[True], torch.zeros_like(grads[True]))
+    else:
+        assert grads[True].norm() > 1e-6
+        assert float((grads[True] - grads[False]).norm() / grads[False].norm()) <= 1e-6  # measured 0.0
