@@ -75,3 +75,15 @@ def test_unknown_models_and_leaves_keep_the_dual_pass():
     silu.features[2] = nn.SiLU()  # a leaf with no tangent rule
     assert not supports_saved_tangents(silu)
     assert not supports_saved_tangents(TinyCNN(3).eval())  # running statistics: not the batch-statistics rule
+
+
+@pytest.mark.parametrize("arch,saved", [("resnet50", True), ("resnext50_32x4d", True), ("efficientnet_b0", False),
+                                        ("mobilenet_v3_small", False), ("densenet121", False),
+                                        ("convnext_tiny", False), ("vit_b_16", False), ("swin_t", False)])
+def test_only_resnets_take_the_saved_tangent_path(arch, saved):
+    """The families of the compatibility test whose forward is not linear between leaf modules (squeeze-excitation,
+    DenseNet's functional ReLU, attention, stochastic depth, dropout) keep the dual pass; built on the meta device
+    (types only, no memory)."""
+    with torch.device("meta"):
+        model = torchvision.models.get_model(arch, num_classes=3).train()
+    assert supports_saved_tangents(model) is saved
