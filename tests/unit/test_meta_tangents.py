@@ -87,3 +87,17 @@ def test_only_resnets_take_the_saved_tangent_path(arch, saved):
     with torch.device("meta"):
         model = torchvision.models.get_model(arch, num_classes=3).train()
     assert supports_saved_tangents(model) is saved
+
+
+def test_frozen_weights_with_trainable_biases():
+    """Only the trainable parameters carry a tangent: a frozen weight next to a trainable bias (conv and linear)."""
+    torch.manual_seed(0)
+    model = TinyCNN(3)
+    model.features[0] = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # with a bias
+    model = model.double().train()
+    model.features[0].weight.requires_grad_(False)
+    model.fc.weight.requires_grad_(False)
+    x, y = torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    saved, dual = _both(model, x, y)
+    assert dual.norm() > 1e-3
+    assert rel_err(saved, dual) <= 1e-12

@@ -37,6 +37,9 @@ def _tangent(m: nn.Module, name: str, tangents: dict) -> Optional[torch.Tensor]:
 def _conv(m, x, t, tangents):
     w_dot, b_dot = _tangent(m, "weight", tangents), _tangent(m, "bias", tangents)
     out = m._conv_forward(x, w_dot, b_dot) if w_dot is not None else None
+    if w_dot is None and b_dot is not None:  # frozen weight, trainable bias
+        out = torch.zeros_like(m._conv_forward(x, m.weight, b_dot))
+        out += b_dot.view([1, -1] + [1] * (out.dim() - 2))
     if t is not None:
         through = m._conv_forward(t, m.weight, None)
         out = through if out is None else out + through
@@ -45,7 +48,8 @@ def _conv(m, x, t, tangents):
 
 def _linear(m, x, t, tangents):
     w_dot, b_dot = _tangent(m, "weight", tangents), _tangent(m, "bias", tangents)
-    out = F.linear(x, w_dot, b_dot) if w_dot is not None else torch.zeros_like(F.linear(x, m.weight))
+    # a frozen weight (no tangent) with a trainable bias: zero weight tangent, the bias's still counts
+    out = F.linear(x, torch.zeros_like(m.weight) if w_dot is None else w_dot, b_dot)
     return out if t is None else out + F.linear(t, m.weight)
 
 
