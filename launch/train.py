@@ -4,8 +4,9 @@ Works as is for one process, and under ``torchrun --nproc_per_node N -m launch.t
 ``accelerate launch --multi_gpu --num_processes N -m launch.train ...`` (Accelerate reads the launcher's env; on CPU
 the trainer picks the gloo backend). See docs/DISTRIBUTED.md.
 
-Exit status: 0 when training finished *or* was pre-empted by SIGTERM (the state is checkpointed; run the same
-command with ``--resume auto`` to continue), 2 for a user error (one line on stderr).
+Exit status: 0 when training finished *or* was pre-empted by SIGTERM (the state is checkpointed, and
+``RUN/checkpoints/PREEMPTED`` tells the two apart; run the same command with ``--resume auto`` to continue), 130 after
+Ctrl-C (checkpointed the same way; a second Ctrl-C exits at once), 2 for a user error (one line on stderr).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     metrics = trainer.fit()
     if trainer.accelerator.is_main_process:
         if metrics.get("preempted"):
-            print(json.dumps({"run_dir": str(trainer.run_dir), "preempted": True, "step": metrics["step"]}))
+            print(json.dumps({"run_dir": str(trainer.run_dir), "preempted": True, "step": metrics["step"],
+                              "signal": metrics["signal"]}))
         elif "test" in metrics:
             t = metrics["test"]
             print(json.dumps({"run_dir": str(trainer.run_dir), "accuracy": round(t["accuracy"], 4),
@@ -52,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(p)
     args = p.parse_intermixed_args(argv)  # `CONFIG --resume auto key=value` as well as `CONFIG key=value --resume auto`
     setup_logging(args.debug)
-    run_training(args, debug=args.debug)
-    return 0
+    metrics = run_training(args, debug=args.debug)
+    return 130 if metrics.get("signal") == "SIGINT" else 0  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 if __name__ == "__main__":

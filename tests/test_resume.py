@@ -70,7 +70,8 @@ def test_sigterm_checkpoints_exits_0_and_resume_continues(synth_dir, tmp_path, r
     args = _args(synth_dir, tmp_path, "term")
     proc = python(*args, env={"METALOSS_TEST_FAULT": "term_after_step:5"})  # check=True: exit status 0
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"run_dir": str(tmp_path / "term"),
-                                                                 "preempted": True, "step": 5}
+                                                                 "preempted": True, "step": 5,
+                                                                 "signal": "SIGTERM"}
     run_dir = tmp_path / "term"
     assert _steps(run_dir) == [5, 4]  # the pre-emption checkpoint is taken at the step the signal arrived in
     assert not (run_dir / "metrics.json").exists()

@@ -7,6 +7,7 @@ resumed run starts -- the property the bitwise resume test relies on.
 """
 from __future__ import annotations
 
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -95,9 +96,41 @@ class ShardedBatchSampler:
             yield [(i, self.epoch) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
+# SLURM (and a terminal's Ctrl-C, and `kill -- -PGID`) signal every process of the job, loader workers included. A
+# worker killed by SIGTERM takes the trainer down ("DataLoader worker ... killed by signal") before it can checkpoint,
+# so workers ignore the stop signals and the main process alone decides when to stop (trainer.StopAgreement).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn``: runs after torch installs its own worker handlers (SIGTERM -> die), so it wins."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked across the fork (see iterate)
+
+
+def iterate(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate a DataLoader whose workers cannot be killed by a stop signal sent while they start.
+
+    The workers fork inside ``iter(loader)``; until ``ignore_stop_signals`` runs in them they would die of a SIGTERM.
+    Blocking the stop signals across the fork closes that window: the children inherit the mask and ignore what was
+    pending, and the main process gets a pending signal as soon as the mask is restored.
+    """
+    if loader.num_workers == 0:
+        yield from loader
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        it = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    yield from it
+
+
 def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      worker_init_fn=ignore_stop_signals if workers else None)
 
 
 class TorchTrainStream:
@@ -119,7 +152,7 @@ class TorchTrainStream:
 
     def __iter__(self) -> Iterator[Batch]:
         self.sampler.start_batch = self.consumed
-        for batch in self.loader:
+        for batch in iterate(self.loader):
             self.consumed += 1
             yield batch
         self.consumed = 0
@@ -152,7 +185,7 @@ class TorchEvalStream:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.loader)
+        return iterate(self.loader)
 
 
 def build_torch_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int) -> Streams:

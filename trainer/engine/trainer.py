@@ -7,7 +7,9 @@ decision -- see ``StopAgreement``); only the main process writes files.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 
 import torch
@@ -17,8 +19,8 @@ from data_pipeline.records import class_names
 from data_pipeline.factory import build_streams
 
 from trainer.engine.accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
-from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
-                         written_by_ranks)
+from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, clear_preempted, load_latest,
+                                      mark_preempted, resolve_resume, save_checkpoint, written_by_ranks)
 from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
@@ -33,6 +35,13 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(RuntimeError):
     """Training stopped on purpose (too many bad steps); the last good state was checkpointed."""
+
+    same_on_every_rank = True  # the ranks agree on it (an all-reduce): rank 0 alone reports it
+
+
+_SIGNAL_NAMES = {StopAgreement.TERM: "SIGTERM", StopAgreement.INT: "SIGINT"}
+# a repeat within this many seconds is the same Ctrl-C delivered twice (terminal + a launcher forwarding it)
+_SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 class Trainer:
@@ -89,7 +98,6 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loss_fn=self.loss_fn,
             reweighter=self.reweighter, meta_stream=self.streams.meta, accelerator=acc, cfg=cfg,
             input_dtype=self.input_dtype)
-        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet)
         candidates = resolve_resume(self.run_dir, resume)
         if cfg.train.distributed == "deepspeed":
             self._refuse_other_world(candidates)
@@ -98,10 +106,14 @@ class Trainer:
             self._check_resumed_world()
             self.runner.restore_counters(bad_steps=self.state.bad_steps)
             log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
+        # TensorBoard drops what an earlier attempt logged after the resumed step (it is being trained again)
+        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet,
+                                purge_step=self.state.step + 1 if self.resumed_from is not None else None)
         self.logger.restart_clock()  # building the streams and loading a checkpoint are not training time
         self.stop = StopAgreement(acc.num_processes)
         self.faults = FaultInjection.from_env(acc.process_index)
-        self._stopping = False
+        self._stopping = 0  # the agreed StopAgreement reason once the ranks stop early
+        self._first_interrupt_at = None
         self._last_checkpoint_step = self.state.step if self.resumed_from is not None else -1
 
     def _refuse_other_world(self, candidates) -> None:
@@ -129,7 +141,9 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.accelerator.is_main_process:
+            clear_preempted(self.run_dir)  # this run is training again: no longer a pre-empted one
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             result = self._run()
             # every rank got here at the same step: finish the last stop all-reduce (skipped after an error, when
@@ -137,7 +151,8 @@ class Trainer:
             self.stop.close()
             return result
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.logger.close()
 
     def _run(self) -> dict:
@@ -176,8 +191,9 @@ class Trainer:
                 self._checkpoint()
                 self.logger.restart_clock()
             self.faults.after_step(st.step)
-            if self.stop.should_stop():  # every rank, every step: the ranks agree on the step they stop at
-                self._stopping = True
+            reason = self.stop.should_stop()  # every rank, every step: the ranks agree on the step they stop at
+            if reason:
+                self._stopping = reason
                 return False
             if self._done():
                 return False
@@ -248,19 +264,41 @@ class Trainer:
                         before_rename=self.faults.before_rename(self.state.step))
         self._last_checkpoint_step = self.state.step
 
-    def _on_sigterm(self, signum, frame) -> None:
-        # only set a flag: the loop checkpoints at a step boundary all ranks agree on, where the state is consistent
-        log.warning("SIGTERM received: checkpointing at the next step boundary and exiting")
-        self.stop.request()
+    def _on_signal(self, signum, frame) -> None:
+        # only set a flag: the loop checkpoints at a step boundary all ranks agree on, where the state is consistent.
+        # SLURM signals every process, and the launcher forwards the signal again: say it once per rank.
+        reason = StopAgreement.INT if signum == signal.SIGINT else StopAgreement.TERM
+        now = time.monotonic()
+        if reason == StopAgreement.INT and self._first_interrupt_at is not None:
+            if now - self._first_interrupt_at > _SECOND_INTERRUPT_AFTER_S:
+                sys.stderr.write("metaloss: second Ctrl-C: exiting now, without a checkpoint of the steps since the "
+                                 "last one\n")
+                sys.stderr.flush()
+                os._exit(130)  # at once: no cleanup that could block on the other ranks or the loader workers
+            return
+        if reason == StopAgreement.INT:
+            self._first_interrupt_at = now
+            log.warning("Ctrl-C: checkpointing at the next step boundary, then exiting (Ctrl-C again to exit now)")
+        elif not self.stop.local:
+            log.warning("SIGTERM received: checkpointing at the next step boundary and exiting")
+        self.stop.request(reason)
 
     def _preempted(self) -> dict:
         self._flush_logs()
         if self._last_checkpoint_step != self.state.step:
             self._checkpoint()
+        name = _SIGNAL_NAMES[self._stopping]
         if self.accelerator.is_main_process:
-            log.warning("pre-empted: checkpointed step %d in %s; continue with --resume auto", self.state.step,
-                        self.run_dir / "checkpoints")
-        return {"preempted": True, "step": self.state.step}
+            ckpts = self.run_dir / "checkpoints"
+            if self._stopping == StopAgreement.TERM:
+                # both a pre-empted and a finished run exit 0: the marker tells a requeue script which one it was
+                mark_preempted(self.run_dir, self.state.step)
+                log.warning("pre-empted (SIGTERM): checkpointed step %d in %s and left %s; continue with "
+                            "--resume auto", self.state.step, ckpts, ckpts / "PREEMPTED")
+            else:
+                log.warning("interrupted (Ctrl-C): checkpointed step %d in %s; continue with --resume auto",
+                            self.state.step, ckpts)
+        return {"preempted": True, "step": self.state.step, "signal": name}
 
     def _finish(self) -> dict:
         st = self.state

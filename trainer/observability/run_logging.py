@@ -27,11 +27,12 @@ _STEP_KEYS = ("train_loss", "weighted_loss", "meta_loss", "w_mean", "w_std", "w_
 
 
 class RunLogger:
-    def __init__(self, cfg, run_dir: Path, accelerator, class_names: list[str], *, quiet: bool = False):
+    def __init__(self, cfg, run_dir: Path, accelerator, class_names: list[str], *, quiet: bool = False,
+                 purge_step: int | None = None):
         self.cfg, self.run_dir, self.acc, self.class_names = cfg, Path(run_dir), accelerator, class_names
         self.is_main = accelerator.is_main_process
         self.tb = TBLogger(self.run_dir / "tb", enabled=self.is_main and cfg.logging.tensorboard,
-                           class_names=class_names)
+                           class_names=class_names, purge_step=purge_step)
         self.show_progress = self.is_main and cfg.logging.progress and not quiet and sys.stderr.isatty()
         self.buffer = DeviceScalarBuffer()
         self.weights: list[torch.Tensor] = []  # the last interval's meta weights, for the histogram
