@@ -78,8 +78,23 @@ def setup_logging(debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _leave_process_group() -> None:
+    """Tear the process group down before exiting: exiting with a live gloo/nccl group lets its C++ threads be
+    destroyed unjoined ("terminate called without an active exception", SIGABRT) -- an abort for a user error."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- best effort on the way out; the user error is what matters
+        pass
+
+
 def user_errors_exit(fn):
-    """Decorator for CLI entry points: known user errors -> one message + exit 2 (traceback with debug=True)."""
+    """Decorator for CLI entry points: known user errors -> one message + exit 2 (traceback with debug=True).
+
+    Under a launcher every rank exits 2, but an error every rank raised alike (``same_on_every_rank``: a config,
+    a run dir, a data set all ranks read) is reported by rank 0 alone; a rank's own error names the rank."""
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
@@ -87,6 +102,12 @@ def user_errors_exit(fn):
         except Exception as e:
             if debug or not is_user_error(e):
                 raise
-            print(f"metaloss: error: {user_message(e)}", file=sys.stderr)
+            rank = int(os.environ.get("RANK", "0") or 0)
+            if rank == 0:
+                print(f"metaloss: error: {user_message(e)}", file=sys.stderr)
+            elif not getattr(e, "same_on_every_rank", False):
+                print(f"metaloss: error: [rank {rank}] {user_message(e)}", file=sys.stderr)
+            sys.stderr.flush()
+            _leave_process_group()
             sys.exit(2)
     return wrapper

@@ -34,8 +34,15 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     from trainer.config import load_config
     from trainer.engine.trainer import Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)
+    except Exception as e:
+        # every rank parses the same command line and reads the same config, run dir and data (rank 0 reads, then
+        # shares): rank 0 alone reports. A rank-local failure (a torn RNG file of one rank) says so itself.
+        if not hasattr(e, "same_on_every_rank"):
+            e.same_on_every_rank = True
+        raise
     metrics = trainer.fit()
     if trainer.accelerator.is_main_process:
         if metrics.get("preempted"):

@@ -171,10 +171,11 @@ def test_a_second_ctrl_c_exits_at_once(synth_dir, tmp_path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("backend,sig", [("torch", signal.SIGTERM), ("dali", signal.SIGTERM),
-                                         ("synthetic", signal.SIGTERM), ("torch", signal.SIGINT)])
-def test_two_ranks_signalled_like_slurm_agree_checkpoint_and_exit(backend, sig, request, tmp_path):
+@pytest.mark.parametrize("backend,name", [("torch", "SIGTERM"), ("dali", "SIGTERM"), ("synthetic", "SIGTERM"),
+                                          ("torch", "SIGINT")])
+def test_two_ranks_signalled_like_slurm_agree_checkpoint_and_exit(backend, name, request, tmp_path):
     """Every process gets the signal (launcher, ranks, loader workers), and the launcher forwards it once more."""
+    sig = getattr(signal, name)
     run_dir, logs = tmp_path / "dist", tmp_path / "logs"
     codes = tmp_path / "codes"
     job = Job([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -185,7 +186,6 @@ def test_two_ranks_signalled_like_slurm_agree_checkpoint_and_exit(backend, sig, 
     job.signal_group(sig, every_process=True)
     job.finish()  # the launcher's own status is the launcher's (it re-raises the signal it got): not asserted
     expected = 0 if sig == signal.SIGTERM else 130
-    name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
     assert [int((codes / f"rank{r}").read_text()) for r in (0, 1)] == [expected, expected]
     outs = {r: next(logs.rglob(f"attempt_0/{r}/stdout.log")).read_text() for r in (0, 1)}
     errs = {r: next(logs.rglob(f"attempt_0/{r}/stderr.log")).read_text() for r in (0, 1)}

@@ -171,7 +171,9 @@ def load_latest(accelerator, candidates: list[Path]) -> Path | None:
         except Exception as e:  # a truncated/corrupt file can raise anything from pickle, zip or safetensors
             log.warning("checkpoint %s is unreadable (%s: %s); trying the one before", path, type(e).__name__, e)
     if candidates:
-        raise CheckpointError(f"no loadable checkpoint among {[str(c) for c in candidates]}")
+        error = CheckpointError(f"no loadable checkpoint among {[str(c) for c in candidates]}")
+        error.same_on_every_rank = False  # each rank loads its own RNG (and ZeRO) files: it may be this rank alone
+        raise error
     return None
 
 

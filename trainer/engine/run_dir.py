@@ -14,11 +14,13 @@ from data_pipeline.records import DataError, Record
 from data_pipeline.splits import load_or_make_splits
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
+from trainer.engine.checkpoint import list_checkpoints
 
 log = logging.getLogger(__name__)
 
-# Keys that change what is trained on or what is being trained: a resume that changes them is refused.
-RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size", "model.", "meta.",
+# Keys that change what is trained on or what is being trained: a resume that changes them is refused (--force
+# applies them; the optimiser's through trainer.components.optim.apply_optim_config).
+RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size", "model.", "meta.", "optim.",
                   "train.loss", "train.seed", "train.batch_size")
 
 
@@ -70,6 +72,9 @@ def load_records(cfg: Config) -> list[Record]:
         return synthetic_records(cfg.data.synthetic_samples, cfg.model.num_classes)
     if not cfg.data.root:
         raise DataError("config key 'data.root' is empty: point it at a data set (or use data.backend=synthetic)")
+    if not Path(cfg.data.root).exists():
+        raise DataError(f"config key 'data.root': {cfg.data.root} not found (point it at a data set directory, e.g. "
+                        "data.root=demo_data/synthetic)")
     fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.root)
     records = read_dataset(fmt, cfg.data.root, num_classes=cfg.model.num_classes, path_col=cfg.data.path_col,
                            label_col=cfg.data.label_col, skip_bad=cfg.data.skip_bad)
@@ -94,10 +99,23 @@ def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
                           "(pass --force to resume anyway, or start a new run.name)")
 
 
+def is_failed_start(run_dir: Path) -> bool:
+    """A run dir with no complete checkpoint and no finished metrics holds nothing to continue or keep: an earlier
+    start failed (a typo in data.root, a missing file) before it trained anything worth saving."""
+    return run_dir.is_dir() and not list_checkpoints(run_dir) and not (run_dir / "metrics.json").exists()
+
+
 def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False) -> Path:
     run_dir = cfg.run_dir
     if is_main:
         exists = run_dir.exists() and any(run_dir.iterdir())
+        if exists and not overwrite and is_failed_start(run_dir):
+            # the corrected command (or a requeued job, which always passes --resume auto) must just work, and
+            # start clean: a splits.csv left by the failed start would otherwise be silently re-used
+            log.warning("run dir %s holds no checkpoint and no results (an earlier start failed): starting it "
+                        "afresh", run_dir)
+            shutil.rmtree(run_dir)
+            exists = False
         if exists and resume:
             check_resume_config(run_dir, cfg, force=force)
         elif exists and overwrite:

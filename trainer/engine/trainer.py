@@ -25,7 +25,7 @@ from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
 from trainer.components.models import build_model
-from trainer.components.optim import build_optimizer, build_scheduler
+from trainer.components.optim import apply_optim_config, build_optimizer, build_scheduler
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
@@ -105,6 +105,9 @@ class Trainer:
         if self.resumed_from is not None:
             self._check_resumed_world()
             self.runner.restore_counters(bad_steps=self.state.bad_steps)
+            if cfg.train.distributed != "deepspeed":  # DeepSpeed's engine owns its optimiser (guarded keys refuse)
+                for change in apply_optim_config(self.optimizer, self.scheduler, cfg.optim):
+                    log.warning("resume applies the new config: %s", change)
             log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
         # TensorBoard drops what an earlier attempt logged after the resumed step (it is being trained again)
         self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet,
