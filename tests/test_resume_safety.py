@@ -56,7 +56,8 @@ def test_resume_with_a_changed_optimiser_is_refused_then_applied_with_force(synt
     import torch
     import yaml
 
-    base = tiny_overrides(synth_dir, tmp_path, "optim", "train.max_steps=3", "optim.lr=0.001")
+    # epochs=5: a run stopped by max_steps closes its epoch, and each resume below continues one
+    base = tiny_overrides(synth_dir, tmp_path, "optim", "train.max_steps=3", "optim.lr=0.001", "train.epochs=5")
     run_cli("-m", "launch.train", "configs/demo.yaml", *base, "--quiet")
     run_dir = tmp_path / "optim"
     longer = [*base, "train.max_steps=4", "optim.lr=0.01"]
