@@ -62,7 +62,8 @@ def test_existing_run_dir_is_not_overwritten(synth_dir, tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("train.epochz=1", "'train.epochz'"),
-    ("data.root=/nonexistent/dir", "/nonexistent/dir"),
+    ("data.root=/nonexistent/dir", "config key 'data.root': /nonexistent/dir not found"),
+    ("optim.lr=fast", "override 'optim.lr=fast'"),
     ("train.loss=focal loss.focal_gamma=-1", "focal_gamma"),
     ("train.loss=meta meta.lr=0", "'meta.lr'"),
 ])
