@@ -336,8 +336,10 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | Path, comment: str | None = None) -> None:
+    """``comment``: a header line (how the run was launched) that loading the file ignores."""
+    header = f"# {comment}\n" if comment else ""
+    Path(path).write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def diff_configs(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -97,6 +97,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=cpu, **kwargs)
 
 
+def run_environment(cfg: Config, acc: Accelerator) -> dict:
+    """World size, global batch and hardware: recorded with the results (metrics.json, config.yaml), because the
+    same config means a different run on 1 CPU and on 8 GPUs."""
+    if acc.device.type == "cuda":
+        hardware = f"{acc.num_processes} x {torch.cuda.get_device_name(acc.device)}"
+    else:
+        import platform
+
+        hardware = f"{acc.num_processes} x CPU process ({platform.machine() or 'unknown'}, {os.cpu_count()} cores)"
+    return {"world_size": acc.num_processes, "global_batch": cfg.train.batch_size * acc.num_processes,
+            "hardware": hardware}
+
+
 def match_buffer_dtypes(module: torch.nn.Module) -> None:
     """Give floating buffers (BatchNorm running stats) the dtype of their module's parameters.
 

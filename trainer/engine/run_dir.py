@@ -105,7 +105,8 @@ def is_failed_start(run_dir: Path) -> bool:
     return run_dir.is_dir() and not list_checkpoints(run_dir) and not (run_dir / "metrics.json").exists()
 
 
-def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False) -> Path:
+def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False,
+                    environment: dict | None = None) -> Path:
     run_dir = cfg.run_dir
     if is_main:
         exists = run_dir.exists() and any(run_dir.iterdir())
@@ -124,7 +125,8 @@ def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool
             raise RunDirError(f"run dir {run_dir} already exists: choose another run.name, pass --overwrite to "
                               "replace it, or --resume auto to continue it")
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", comment=(
+            "launched with " + ", ".join(f"{k}: {v}" for k, v in environment.items())) if environment else None)
     return run_dir
 
 

@@ -18,7 +18,8 @@ from accelerate.utils import set_seed
 from data_pipeline.records import class_names
 from data_pipeline.factory import build_streams
 
-from trainer.engine.accel import StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes
+from trainer.engine.accel import (StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes,
+                                  run_environment)
 from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, clear_preempted, load_latest,
                                       mark_preempted, resolve_resume, save_checkpoint, written_by_ranks)
 from trainer.config import Config
@@ -53,7 +54,8 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
-            cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force))
+            cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force,
+            environment=run_environment(cfg, acc)))
         self.splits = load_splits(cfg, self.run_dir, acc)
         self.streams = build_streams(cfg, self.splits, acc.process_index, acc.num_processes, device=acc.device)
         k = cfg.model.num_classes
@@ -110,7 +112,7 @@ class Trainer:
                     log.warning("resume applies the new config: %s", change)
             log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
         # TensorBoard drops what an earlier attempt logged after the resumed step (it is being trained again)
-        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet,
+        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet, total_steps=self.total_steps,
                                 purge_step=self.state.step + 1 if self.resumed_from is not None else None)
         self.logger.restart_clock()  # building the streams and loading a checkpoint are not training time
         self.stop = StopAgreement(acc.num_processes)
@@ -209,13 +211,13 @@ class Trainer:
             lrs["lr/meta"] = self.reweighter.optimizer.param_groups[0]["lr"]
         return lrs
 
-    def _sync_logs(self) -> None:
+    def _sync_logs(self, publish: bool = False) -> None:
         """Drain the per-step buffers into the state (the one place the hot loop syncs with the device)."""
-        self.logger.flush_steps(self.state, self._lrs())
+        self.logger.flush_steps(self.state, self._lrs(), publish=publish)
         self.state.bad_steps = int(self.runner.bad_steps)
 
-    def _flush_logs(self) -> None:
-        self._sync_logs()
+    def _flush_logs(self, publish: bool = True) -> None:
+        self._sync_logs(publish)
         st = self.state
         worst = self.runner.max_consecutive_bad
         if self.accelerator.num_processes > 1:
@@ -232,7 +234,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         st = self.state
-        self._flush_logs()
+        self._flush_logs(publish=st.step % self.cfg.logging.every_steps == 0)  # points at regular steps only
         val, _ = self._evaluate("meta")
         record = self.logger.epoch_end(st, val)
         st.history.append(record)
