@@ -32,6 +32,7 @@ from common.atomic import atomic_write_bytes, atomic_write_text
 from data_pipeline.image_ops import MIN_SIDE, encode_jpeg, prepare_image
 from data_pipeline.readers import read_dataset_report
 from data_pipeline.records import DataError, Record, class_names
+from common.errors import UserError
 
 STATE_FILE = "prepare_state.jsonl"
 MANIFEST_FILE = "manifest.csv"
@@ -49,7 +50,7 @@ def output_name(source_id: str) -> str:
     return f"{safe}.jpg"
 
 
-class PrepareAborted(RuntimeError):
+class PrepareAborted(UserError, RuntimeError):
     """The run cannot go on (a worker process died); finished images are kept and a re-run resumes."""
 
 

@@ -31,10 +31,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from common.atomic import atomic_write
+from data_pipeline.records import APTOS_COUNTS
 from data_pipeline.splits import allocate_largest_remainder
 
-# APTOS 2019 training-set grade counts (3,662 images); the synthetic set keeps these proportions.
-APTOS_COUNTS = (1805, 370, 999, 193, 295)
 MIN_PER_CLASS = 3          # so that a stratified train/meta/test split has every class in every split
 _CHUNK = 8                 # images per worker task: amortises process overhead, keeps the progress bar moving
 

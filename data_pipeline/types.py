@@ -1,6 +1,7 @@
 """The data contract: what every stream backend yields and the trainer relies on (nothing else).
 
-The factory that picks a backend is :mod:`data_pipeline.factory`; backends live in :mod:`data_pipeline.backends`.
+The factory that picks a backend is :mod:`data_pipeline.factory`; backends live in :mod:`data_pipeline.backends`;
+what they share (epoch permutation, rank shards, stream position) in :mod:`data_pipeline.sharding`.
 Contract shared by every backend (``torch``, ``dali``, ``synthetic``) -- the trainer relies on nothing else:
 
 * ``streams.train``: iterable over ONE epoch of this rank's shard, yielding :class:`Batch`; ``len()`` = batches per
@@ -22,11 +23,13 @@ GPU already (DALI "mixed"); the trainer moves them with ``.to(device, non_blocki
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
 
-import torch
+from data_pipeline.records import DataError
 
-from data_pipeline.records import DataError, Record
+if TYPE_CHECKING:  # the contract itself needs no torch: importing it stays cheap
+    import torch
+
 
 @dataclass
 class Batch:
@@ -82,17 +85,3 @@ class Streams:
     backend: str = ""
     class_counts: list[int] = field(default_factory=list)  # train-split counts per class (for loss weights)
 
-
-def shard_indices(n: int, rank: int, world: int, *, pad: bool) -> list[int]:
-    """Contiguous-stride shard of range(n): rank r takes r, r+world, ...
-
-    pad=True pads every rank to ceil(n/world) with -1 (eval: everyone runs the same number of batches);
-    pad=False truncates to floor(n/world) (train: equal step counts so DDP all-reduces line up).
-    """
-    idx = list(range(rank, n, world))
-    if pad:
-        per_rank = -(-n // world)
-        idx += [-1] * (per_rank - len(idx))
-    else:
-        idx = idx[: n // world]
-    return idx

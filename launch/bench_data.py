@@ -41,9 +41,11 @@ def bench_prepare(raw: Path, out_base: Path, workers: list[int], size: int = 512
 
 
 def _cfg(image_size: int, threads: int, batch: int, device: str):
+    from data_pipeline.settings import DataSettings
     from trainer.config import config_from_dict
-    return config_from_dict({"data": {"image_size": image_size, "num_workers": threads},
-                             "train": {"batch_size": batch, "eval_batch_size": batch, "cpu": device == "cpu"}})
+    cfg = config_from_dict({"data": {"image_size": image_size, "num_workers": threads},
+                            "train": {"batch_size": batch, "eval_batch_size": batch, "cpu": device == "cpu"}})
+    return DataSettings.from_config(cfg)
 
 
 def _child_pids() -> list[int]:

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data_pipeline.readers.registry import RAW_FORMATS
 from launch.errors import UsageError, setup_logging, user_errors_exit
 from launch.train import add_train_args, run_training
 
@@ -72,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_synth)
 
     s = sub.add_parser("prepare", help="crop, resize and re-encode a raw fundus set once (JPEG q95 + manifest)")
-    s.add_argument("--dataset", required=True, choices=["aptos", "eyepacs", "ddr", "idrid", "messidor2", "csv"])
+    s.add_argument("--dataset", required=True, choices=list(RAW_FORMATS))
     s.add_argument("--src", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--size", type=int, default=512)

@@ -8,20 +8,8 @@ import os
 import re
 import sys
 
-# (module, class) of every error a user can fix. Looked up only in modules already imported: an error class whose
-# module was never loaded cannot be the one being raised, so `metaloss prepare` never pays for importing torch just
-# to report a bad path, and a module that fails to import cannot mask the error actually being reported.
-_USER_ERROR_CLASSES = (
-    ("data_pipeline.records", "DataError"),
-    ("data_pipeline.prepare", "PrepareAborted"),
-    ("trainer.config", "ConfigError"),
-    ("trainer.components.models", "ModelError"),
-    ("trainer.engine.run_dir", "RunDirError"),
-    ("trainer.engine.checkpoint", "CheckpointError"),
-    ("trainer.reporting.report", "ReportInputError"),
-    ("trainer.engine.trainer", "TrainingStopped"),
-    ("trainer.components.losses", "LossError"),
-)
+from common.errors import UserError
+
 # OSErrors about the machine, not the program: the user fixes them (free space, permissions), a traceback won't help
 _ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 # torch's DataLoader re-raises a worker's exception with the worker's traceback inside the message
@@ -29,21 +17,13 @@ _WORKER_TRACEBACK = "Original Traceback (most recent call last):"
 _EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Stopped): ")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """A command-line value the parser cannot check by itself (e.g. a limit defined by a package)."""
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    classes: list[type[BaseException]] = [FileNotFoundError, UsageError]
-    for module, name in _USER_ERROR_CLASSES:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            classes.append(cls)
-    return tuple(classes)
-
-
 def is_user_error(e: BaseException) -> bool:
-    if isinstance(e, _user_errors()):
+    """Every layer's user errors subclass ``common.errors.UserError``; a missing input file is one too."""
+    if isinstance(e, (UserError, FileNotFoundError)):
         return True
     return isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS
 

@@ -12,7 +12,7 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 run() { echo "== $*" | tee -a "$OUT/log.txt"; timeout 240 "$@" 2>&1 | tee -a "$OUT/log.txt"; }
 # 1. GPU-only tests (DALI mixed decode vs CPU mode, channels_last)
-run python3 -m pytest -q -p no:cacheprovider tests/test_dali_backend.py -k gpu
+run python3 -m pytest -q -p no:cacheprovider tests/unit/test_dali_backend.py -k gpu
 # 2. meta step cost vs a plain step: ResNet-50 224 px bf16 B=128 (goal: exact <= 3x, head <= 1.15x)
 run python3 -m launch.bench_meta --arch resnet50 --image-size 224 --batch 128 --precision bf16 --device cuda \
     --modes plain,head,exact,second_order --steps 10 --warmup 3

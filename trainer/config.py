@@ -14,8 +14,14 @@ from typing import Any, Optional
 
 import yaml
 
+from data_pipeline.backends.registry import BACKENDS, DALI_SHARDING
+from data_pipeline.readers.registry import FORMATS
+from trainer.components.loss_registry import LOSSES
+from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS
+from common.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config problem a user can fix: names the dotted key (and the file when there is one)."""
 
 
@@ -164,20 +170,20 @@ class Config:
         return Path(self.run.out_dir) / self.run.name
 
 
+# Names come from each extension point's table (readers, backends, losses, look-ahead modes): add there, not here.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("auto", "aptos", "eyepacs", "csv", "ddr", "idrid", "messidor2", "prepared"),
-    "data.backend": ("auto", "dali", "torch", "synthetic"),
-    "data.dali_sharding": ("reader", "explicit"),
+    "data.format": ("auto", *FORMATS),
+    "data.backend": ("auto", *BACKENDS),
+    "data.dali_sharding": DALI_SHARDING,
     "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step"),
-    "meta.granularity": ("batch", "class", "sample"),
-    "meta.lookahead": ("exact", "second_order", "head"),
-    "meta.lookahead_optimizer": ("sgd", "adam"),
-    "meta.directional": ("forward_ad", "fd"),
+    "meta.granularity": GRANULARITIES,
+    "meta.lookahead": tuple(LOOKAHEADS),
+    "meta.lookahead_optimizer": LOOKAHEAD_OPTIMIZERS,
+    "meta.directional": DIRECTIONAL,
     "loss.cb_base": ("ce", "focal"),
-    "train.loss": ("ce", "weighted_ce", "focal", "class_balanced", "ldam", "logit_adjusted",
-                   "balanced_softmax", "meta"),
+    "train.loss": tuple(LOSSES),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.distributed": ("ddp", "deepspeed"),
 }

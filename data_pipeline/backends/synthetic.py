@@ -10,7 +10,9 @@ from typing import Iterator
 import torch
 
 from data_pipeline.records import Record
-from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
+from data_pipeline.settings import DataSettings
+from data_pipeline.sharding import StreamPosition, meta_batch_size, shard_indices
+from data_pipeline.types import Batch, EndlessStream, Streams
 
 
 def _tensors(records: list[Record], size: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,17 +35,13 @@ class _Shard:
         return Batch(self.images[safe], self.labels[safe], ids)
 
 
-class SyntheticTrainStream:
+class SyntheticTrainStream(StreamPosition):
     def __init__(self, records, size, batch_size, seed, rank, world, device):
         self.shard = _Shard(records, size, seed, rank, world, device, pad=False)
-        self.batch_size, self.seed, self.epoch, self.consumed = batch_size, seed, 0, 0
+        self.batch_size, self.seed = batch_size, seed
 
     def __len__(self) -> int:
         return len(self.shard.idx) // self.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
 
     def __iter__(self) -> Iterator[Batch]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
@@ -52,12 +50,6 @@ class SyntheticTrainStream:
             self.consumed = b + 1
             yield self.shard.batch(order[b * self.batch_size:(b + 1) * self.batch_size])
         self.consumed = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
 
 class SyntheticEvalStream:
@@ -75,16 +67,14 @@ class SyntheticEvalStream:
                                                 device=self.shard.idx.device))
 
 
-def build_synthetic_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int,
+def build_synthetic_streams(settings: DataSettings, splits: dict[str, list[Record]], rank: int, world: int,
                             device=None) -> Streams:
     device = device or torch.device("cpu")
-    size, seed = cfg.data.image_size, cfg.train.seed
-    meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
-    meta_shard = max(1, len(splits["meta"]) // world)  # a meta batch larger than the shard would never fill
+    size, seed, meta = settings.image_size, settings.seed, splits["meta"]
     return Streams(
-        train=SyntheticTrainStream(splits["train"], size, cfg.train.batch_size, seed, rank, world, device),
-        meta=EndlessStream(SyntheticTrainStream(splits["meta"], size, min(meta_bs, meta_shard),
-                                                seed + cfg.meta.seed_offset, rank, world, device)),
-        eval={s: SyntheticEvalStream(splits[s], size, cfg.train.eval_batch_size, seed + 7 + i, rank, world, device)
+        train=SyntheticTrainStream(splits["train"], size, settings.batch_size, seed, rank, world, device),
+        meta=EndlessStream(SyntheticTrainStream(meta, size, meta_batch_size(len(meta), world, settings.meta_batch_size),
+                                                settings.meta_seed, rank, world, device)),
+        eval={s: SyntheticEvalStream(splits[s], size, settings.eval_batch_size, seed + 7 + i, rank, world, device)
               for i, s in enumerate(("meta", "test"))},
     )

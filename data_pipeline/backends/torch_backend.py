@@ -17,8 +17,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from data_pipeline.image_ops import ImageError, load_rgb as decode_rgb8
 from data_pipeline.records import DataError, Record
-from data_pipeline.types import Batch, EndlessStream, Streams, shard_indices
-from data_pipeline.backends.transforms import augment_kwargs, eval_transform, train_transform
+from data_pipeline.settings import DataSettings
+from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size
+from data_pipeline.types import Batch, EndlessStream, Streams
+from data_pipeline.backends.transforms import eval_transform, train_transform
 
 
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -80,11 +82,8 @@ class ShardedBatchSampler:
         self.start_batch = 0
 
     def _indices(self) -> list[int]:
-        order = np.arange(self.n)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
-        shard = shard_indices(self.n, self.rank, self.world, pad=not self.train)
-        return [int(order[i]) if i >= 0 else -1 for i in shard]
+        return epoch_order(self.n, self.rank, self.world, self.seed, self.epoch, shuffle=self.shuffle,
+                           pad=not self.train)
 
     def __len__(self) -> int:
         per_rank = self.n // self.world if self.train else -(-self.n // self.world)
@@ -133,53 +132,33 @@ def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) 
                       worker_init_fn=ignore_stop_signals if workers else None)
 
 
-class TorchTrainStream:
+class TorchTrainStream(StreamPosition):
     """One epoch of this rank's shard per iteration; also the per-pass stream under the endless meta stream."""
 
-    def __init__(self, records, cfg, rank, world, seed, *, batch_size: int, augment: bool = True):
-        tf = train_transform(cfg.data.image_size, **augment_kwargs(cfg.data)) if augment \
-            else eval_transform(cfg.data.image_size)
+    def __init__(self, records, settings: DataSettings, rank, world, seed, *, batch_size: int, augment: bool = True):
+        tf = train_transform(settings.image_size, settings.augment) if augment \
+            else eval_transform(settings.image_size)
         self.sampler = ShardedBatchSampler(len(records), batch_size, rank, world, seed, shuffle=True, train=True)
-        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, cfg.data.num_workers)
-        self.consumed = 0
+        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, settings.num_workers)
 
     def __len__(self) -> int:
         return len(self.sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.sampler.epoch, self.sampler.start_batch, self.consumed = epoch, 0, 0
-
     def __iter__(self) -> Iterator[Batch]:
-        self.sampler.start_batch = self.consumed
+        # the sampler is iterated lazily, on the loader's first batch: it starts at this position
+        self.sampler.epoch, self.sampler.start_batch = self.epoch, self.consumed
         for batch in iterate(self.loader):
             self.consumed += 1
             yield batch
         self.consumed = 0
-        self.sampler.start_batch = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-
-
-def _meta_stream(records, cfg, rank, world, seed, batch_size) -> EndlessStream:
-    n_shard = len(records) // world
-    if n_shard == 0:
-        raise DataError(f"meta split has {len(records)} images, fewer than the {world} ranks")
-    # a meta batch larger than the shard would never fill: clamp rather than yield nothing forever
-    return EndlessStream(TorchTrainStream(records, cfg, rank, world, seed, batch_size=min(batch_size, n_shard),
-                                          augment=cfg.data.meta_augment))
 
 
 class TorchEvalStream:
-    def __init__(self, records, cfg, rank, world):
-        sampler = ShardedBatchSampler(len(records), cfg.train.eval_batch_size, rank, world, 0,
+    def __init__(self, records, settings: DataSettings, rank, world):
+        sampler = ShardedBatchSampler(len(records), settings.eval_batch_size, rank, world, 0,
                                       shuffle=False, train=False)
-        self.loader = _loader(RecordDataset(records, eval_transform(cfg.data.image_size), 0, augment=False),
-                              sampler, cfg.data.num_workers)
+        self.loader = _loader(RecordDataset(records, eval_transform(settings.image_size), 0, augment=False),
+                              sampler, settings.num_workers)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -188,12 +167,15 @@ class TorchEvalStream:
         return iterate(self.loader)
 
 
-def build_torch_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int) -> Streams:
-    seed = cfg.train.seed
-    meta_bs = cfg.meta.meta_batch_size or cfg.train.batch_size
-    train = TorchTrainStream(splits["train"], cfg, rank, world, seed, batch_size=cfg.train.batch_size)
+def build_torch_streams(settings: DataSettings, splits: dict[str, list[Record]], rank: int, world: int,
+                        device=None) -> Streams:
+    meta = splits["meta"]
+    meta_stream = TorchTrainStream(meta, settings, rank, world, settings.meta_seed,
+                                   batch_size=meta_batch_size(len(meta), world, settings.meta_batch_size),
+                                   augment=settings.meta_augment)
     return Streams(
-        train=train,
-        meta=_meta_stream(splits["meta"], cfg, rank, world, seed + cfg.meta.seed_offset, meta_bs),
-        eval={s: TorchEvalStream(splits[s], cfg, rank, world) for s in ("meta", "test")},
+        train=TorchTrainStream(splits["train"], settings, rank, world, settings.seed,
+                               batch_size=settings.batch_size),
+        meta=EndlessStream(meta_stream),
+        eval={s: TorchEvalStream(splits[s], settings, rank, world) for s in ("meta", "test")},
     )

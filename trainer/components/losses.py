@@ -31,11 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSS_NAMES = ("ce", "weighted_ce", "focal", "class_balanced", "ldam", "logit_adjusted", "balanced_softmax", "meta")
+from common.registry import load
+from trainer.components.loss_registry import LOSSES
+from common.errors import UserError
+
+LOSS_NAMES = tuple(LOSSES)
 DRW_BETA = 0.9999
 
 
-class LossError(ValueError):
+class LossError(UserError, ValueError):
     """A loss configuration a user can fix (unknown name, bad class counts, bad hyper-parameter)."""
 
 
@@ -180,32 +184,47 @@ class PriorAdjustedCE(PerSampleLoss):
         return F.cross_entropy(z + self.adjustment.to(device=z.device, dtype=z.dtype), labels, reduction="none")
 
 
+# ---------------------------------------------------------------------- builders (named in loss_registry.py)
+def build_cross_entropy(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    return CrossEntropy(counts.numel())
+
+
+def build_weighted_ce(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    return WeightedCrossEntropy(inverse_frequency_weights(counts))
+
+
+def build_focal(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    return FocalLoss(counts.numel(), loss_cfg.focal_gamma)
+
+
+def build_class_balanced(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    if not 0.0 <= loss_cfg.cb_beta < 1.0:
+        raise LossError(f"config key 'loss.cb_beta': must be in [0, 1), got {loss_cfg.cb_beta}")
+    weights = class_balanced_weights(counts, loss_cfg.cb_beta)
+    if loss_cfg.cb_base == "focal":
+        return FocalLoss(counts.numel(), loss_cfg.focal_gamma, class_weights=weights)
+    if loss_cfg.cb_base != "ce":
+        raise LossError(f"config key 'loss.cb_base': {loss_cfg.cb_base!r} is not one of ce, focal")
+    return WeightedCrossEntropy(weights)
+
+
+def build_ldam(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    drw_epoch = loss_cfg.drw_epoch if loss_cfg.drw_epoch >= 0 else int(2 / 3 * epochs)
+    loss = LDAMLoss(counts, loss_cfg.ldam_max_margin, loss_cfg.ldam_scale, drw_epoch)
+    loss.set_epoch(0)
+    return loss
+
+
+def build_logit_adjusted(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    return PriorAdjustedCE(counts, loss_cfg.la_tau)
+
+
+def build_balanced_softmax(counts: torch.Tensor, loss_cfg, epochs: int) -> PerSampleLoss:
+    return PriorAdjustedCE(counts, 1.0)
+
+
 def build_loss(name: str, loss_cfg, class_counts: Sequence[int], epochs: int) -> PerSampleLoss:
     """The per-sample loss module for ``train.loss = name`` (``loss_cfg`` is a ``LossConfig``)."""
-    if name not in LOSS_NAMES:
+    if name not in LOSSES:
         raise LossError(f"config key 'train.loss': {name!r} is not one of {', '.join(LOSS_NAMES)}")
-    counts = _counts(class_counts)
-    k = counts.numel()
-    if name in ("ce", "meta"):
-        return CrossEntropy(k)
-    if name == "weighted_ce":
-        return WeightedCrossEntropy(inverse_frequency_weights(counts))
-    if name == "focal":
-        return FocalLoss(k, loss_cfg.focal_gamma)
-    if name == "class_balanced":
-        if not 0.0 <= loss_cfg.cb_beta < 1.0:
-            raise LossError(f"config key 'loss.cb_beta': must be in [0, 1), got {loss_cfg.cb_beta}")
-        weights = class_balanced_weights(counts, loss_cfg.cb_beta)
-        if loss_cfg.cb_base == "focal":
-            return FocalLoss(k, loss_cfg.focal_gamma, class_weights=weights)
-        if loss_cfg.cb_base != "ce":
-            raise LossError(f"config key 'loss.cb_base': {loss_cfg.cb_base!r} is not one of ce, focal")
-        return WeightedCrossEntropy(weights)
-    if name == "ldam":
-        drw_epoch = loss_cfg.drw_epoch if loss_cfg.drw_epoch >= 0 else int(2 / 3 * epochs)
-        loss = LDAMLoss(counts, loss_cfg.ldam_max_margin, loss_cfg.ldam_scale, drw_epoch)
-        loss.set_epoch(0)
-        return loss
-    if name == "logit_adjusted":
-        return PriorAdjustedCE(counts, loss_cfg.la_tau)
-    return PriorAdjustedCE(counts, 1.0)  # balanced_softmax
+    return load(LOSSES, name)(_counts(class_counts), loss_cfg, epochs)

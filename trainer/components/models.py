@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model config a user can fix (bad arch, missing or incompatible weights file)."""
 
 

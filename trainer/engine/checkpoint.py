@@ -24,13 +24,15 @@ import signal
 import time
 from pathlib import Path
 
+from common.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 PREEMPTED = "PREEMPTED"  # in RUN/checkpoints/: the run stopped on SIGTERM with a checkpoint (removed on resume)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """No usable checkpoint (or a write that failed, e.g. disk full); names the path."""
 
 

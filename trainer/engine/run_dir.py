@@ -1,4 +1,4 @@
-"""The run directory and the data tables behind it: records, splits.csv, resolved config.
+"""The run directory: resolved config, resume checks, and the split tables shared by every rank (splits.csv).
 
 Only the main process writes; the others wait at a barrier and read what it wrote, so every rank trains on the
 byte-identical split (splits.csv is the single source of truth, re-used unchanged on resume).
@@ -9,12 +9,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from data_pipeline.readers import detect_format, read_dataset
+from data_pipeline.dataset import load_records
 from data_pipeline.records import DataError, Record
+from data_pipeline.settings import DataSettings
 from data_pipeline.splits import load_or_make_splits
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
 from trainer.engine.checkpoint import list_checkpoints
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -24,63 +26,8 @@ RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.imag
                   "train.loss", "train.seed", "train.batch_size")
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError, ValueError):
     """The run dir cannot be used as asked (exists without --overwrite/--resume, or config changed on resume)."""
-
-
-def synthetic_records(n: int, num_classes: int) -> list[Record]:
-    """Fake table for `data.backend: synthetic` without a data set: APTOS-like imbalance, no files."""
-    props = [1805, 370, 999, 193, 295][:num_classes] if num_classes <= 5 else [1] * num_classes
-    total = sum(props)
-    out, i = [], 0
-    for k, p in enumerate(props):
-        for _ in range(max(3, round(n * p / total))):
-            out.append(Record(path="", label=k, source_id=f"synthetic_{i:06d}"))
-            i += 1
-    return out
-
-
-def check_image_headers(records: list[Record], *, skip_bad: bool) -> list[Record]:
-    """Open every image's header (no pixel decode: ~0.1 ms each) before training starts.
-
-    A zero-byte or non-image file in the test split would otherwise surface only at the final evaluation, after
-    the whole run; here every such file is named at once (or dropped with a warning under data.skip_bad).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    bad = []
-    for r in records:
-        try:
-            with Image.open(r.path) as im:
-                im.size  # noqa: B018 -- parsing the header is the check
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            bad.append((r, str(e).split("\n")[0]))
-    if not bad:
-        return records
-    listing = "\n".join(f"  {r.path} (id {r.source_id!r}): {why}" for r, why in bad[:50])
-    more = f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""
-    if not skip_bad:
-        raise DataError(f"{len(bad)} unreadable image(s):\n{listing}{more}\n(run `metaloss prepare` to quarantine "
-                        "them, or set data.skip_bad=true to train without them)")
-    log.warning("skipping %d unreadable image(s) (data.skip_bad):\n%s%s", len(bad), listing, more)
-    dropped = {id(r) for r, _ in bad}
-    return [r for r in records if id(r) not in dropped]
-
-
-def load_records(cfg: Config) -> list[Record]:
-    if cfg.data.backend == "synthetic" and not cfg.data.root:
-        return synthetic_records(cfg.data.synthetic_samples, cfg.model.num_classes)
-    if not cfg.data.root:
-        raise DataError("config key 'data.root' is empty: point it at a data set (or use data.backend=synthetic)")
-    if not Path(cfg.data.root).exists():
-        raise DataError(f"config key 'data.root': {cfg.data.root} not found (point it at a data set directory, e.g. "
-                        "data.root=demo_data/synthetic)")
-    fmt = cfg.data.format if cfg.data.format != "auto" else detect_format(cfg.data.root)
-    records = read_dataset(fmt, cfg.data.root, num_classes=cfg.model.num_classes, path_col=cfg.data.path_col,
-                           label_col=cfg.data.label_col, skip_bad=cfg.data.skip_bad)
-    if cfg.data.backend == "synthetic":
-        return records
-    return check_image_headers(records, skip_bad=cfg.data.skip_bad)
 
 
 def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
@@ -152,8 +99,9 @@ def on_main_then_share(accelerator, fn):
     return box[0]
 
 
-def load_splits(cfg: Config, run_dir: Path, accelerator) -> dict[str, list[Record]]:
+def load_splits(data: DataSettings, run_dir: Path, accelerator) -> dict[str, list[Record]]:
+    """The run's split tables: read the data set (data_pipeline) on the main process, splits.csv in the run dir."""
     def make():
-        return load_or_make_splits(run_dir, load_records(cfg), cfg.data.split_fractions, cfg.train.seed,
-                                   cfg.model.num_classes)
+        return load_or_make_splits(run_dir, load_records(data), list(data.split_fractions), data.seed,
+                                   data.num_classes)
     return on_main_then_share(accelerator, make)

@@ -17,6 +17,7 @@ from accelerate.utils import set_seed
 
 from data_pipeline.records import class_names
 from data_pipeline.factory import build_streams
+from data_pipeline.settings import DataSettings
 
 from trainer.engine.accel import (StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes,
                                   run_environment)
@@ -30,11 +31,12 @@ from trainer.components.optim import apply_optim_config, build_optimizer, build_
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training stopped on purpose (too many bad steps); the last good state was checkpointed."""
 
     same_on_every_rank = True  # the ranks agree on it (an all-reduce): rank 0 alone reports it
@@ -56,8 +58,9 @@ class Trainer:
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
             cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force,
             environment=run_environment(cfg, acc)))
-        self.splits = load_splits(cfg, self.run_dir, acc)
-        self.streams = build_streams(cfg, self.splits, acc.process_index, acc.num_processes, device=acc.device)
+        data = DataSettings.from_config(cfg)  # all the data layer reads of the config
+        self.splits = load_splits(data, self.run_dir, acc)
+        self.streams = build_streams(data, self.splits, acc.process_index, acc.num_processes, device=acc.device)
         k = cfg.model.num_classes
         self.class_names = class_names(k)
 

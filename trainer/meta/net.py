@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-GRANULARITIES = ("batch", "class", "sample")
+from trainer.meta.modes import GRANULARITIES
 
 
 class MetaNet(nn.Module):

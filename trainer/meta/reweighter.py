@@ -22,12 +22,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from common.registry import load
 from trainer.config import CHOICES, ConfigError, MetaConfig, config_from_dict
-from trainer.meta.exact import exact_meta_gradient
-from trainer.meta.head import head_meta_gradient
 from trainer.meta.lookahead import AutocastFactory, VirtualLossScale, unwrap_model
+from trainer.meta.modes import LOOKAHEADS, MODE_KEYS
 from trainer.meta.net import MetaNet, Weighting, meta_net_sizes
-from trainer.meta.second_order import second_order_meta_gradient
 
 
 def _validate(cfg: MetaConfig, num_classes: int) -> None:
@@ -107,17 +106,10 @@ class MetaReweighter:
         common = dict(detach_features=self.cfg.detach_features, lookahead_optimizer=self.cfg.lookahead_optimizer,
                       optimizer=optimizer, autocast=autocast, scale=scale)
         mode = self.cfg.lookahead
-        if mode == "exact":
-            grads, meta_loss = exact_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
-                                                   directional=self.cfg.directional, fd_eps=self.cfg.fd_eps,
-                                                   **common)
-        elif mode == "second_order":
-            grads, meta_loss = second_order_meta_gradient(module, train_batch, meta_batch, lr, self.weighting,
-                                                          **common)
-        elif mode == "head":
-            grads, meta_loss = head_meta_gradient(module, train_batch, meta_batch, lr, self.weighting, **common)
-        else:
-            raise ValueError(f"config key 'meta.lookahead': {mode!r} is not one of exact, second_order, head")
+        if mode not in LOOKAHEADS:
+            raise ValueError(f"config key 'meta.lookahead': {mode!r} is not one of {', '.join(LOOKAHEADS)}")
+        common.update({key: getattr(self.cfg, key) for key in MODE_KEYS.get(mode, ())})
+        grads, meta_loss = load(LOOKAHEADS, mode)(module, train_batch, meta_batch, lr, self.weighting, **common)
         self._scaled = scale.enabled
         self.last_skipped = False
         if scale.enabled:

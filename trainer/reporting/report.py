@@ -22,6 +22,7 @@ import numpy as np
 
 from trainer.reporting import figures
 from trainer.metrics import confusion_matrix, metrics_from_confusion
+from common.errors import UserError
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions_test.csv"
@@ -34,7 +35,7 @@ _MAX_LISTED = 20  # problems listed in one error; the rest are counted
 _BOOT_CHUNK = 64  # bootstrap resamples drawn per chunk: bounds memory at 64 x n indices for large test sets
 
 
-class ReportInputError(ValueError):
+class ReportInputError(UserError, ValueError):
     """A run dir the report cannot use; the message names the file and every offending key or line."""
 
 

@@ -1,10 +1,10 @@
 """DALI pipeline definitions mirroring ``transforms.py`` (the torch backend), and their two iterator wrappers.
 
 ``ListRun``: one pipeline = one fixed, ordered list of files, read once per pass (``data.dali_sharding=explicit``
-and the eval streams; which files, in which order, for which rank, is decided in ``dali_backend.py``).
+and the eval streams; which files, in which order, for which rank, is decided in ``streams.py``).
 ``ReaderRun``: one pipeline over a whole split whose reader shards and shuffles by itself, built once and read for
 ever (``data.dali_sharding=reader``, the default). Both yield (images, positions); the reader's "label" is a position
-that ``dali_backend.py`` maps to the split id and class label.
+that ``streams.py`` maps to the split id and class label.
 
 Augmentation, in the order torchvision applies it (train_transform):
   resize S x S (linear, antialiased -- the tent filter PIL/torchvision use for BILINEAR+antialias)
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from data_pipeline.records import DataError
+from data_pipeline.settings import AugmentSpec  # noqa: F401 -- re-exported: the pipelines' augmentation spec
 from common.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 # PIL "L" conversion weights (ITU-R 601-2), used by torchvision's adjust_contrast for the mean grey level.
@@ -43,19 +44,6 @@ PREFETCH_BATCHES = 2  # DALI's default prefetch_queue_depth: a decode error can 
 # jittered by about the buffer size. The buffer holds encoded files (~50-150 KB for a prepared 512 px JPEG): 4096
 # of them are ~0.4 GB per pipeline, read once before the first batch of the run.
 SHUFFLE_BUFFER = 4096
-
-
-@dataclass(frozen=True)
-class AugmentSpec:
-    hflip: bool = True
-    rotate_deg: float = 10.0
-    brightness: float = 0.1
-    contrast: float = 0.1
-
-    @classmethod
-    def from_data_cfg(cls, data_cfg) -> "AugmentSpec":
-        return cls(hflip=bool(data_cfg.hflip), rotate_deg=float(data_cfg.rotate_deg),
-                   brightness=float(data_cfg.brightness), contrast=float(data_cfg.contrast))
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""DALI backend: the three streams of ``streams.py`` decoded and augmented by NVIDIA DALI.
+"""DALI backend: the three streams of the contract (``data_pipeline/types.py``) decoded and augmented by NVIDIA DALI.
 
 GPU ("mixed" nvJPEG decode, augmentation on the GPU, batches arrive on the device as channels_last views) when
 CUDA is present, DALI CPU mode (``device_id=None``) otherwise. Two ways to shard train and meta
@@ -22,7 +22,7 @@ resume between epochs (the pipeline for epoch e is a fresh one, not the e-th pas
 
 ``explicit`` -- exact resume, the torch backend's order, one pipeline build per train epoch. Which sample goes
 where is decided here, in Python, and is the SAME index sequence the torch backend draws:
-epoch permutation ``default_rng([seed, epoch])``, rank shard ``streams.shard_indices`` (stride), truncated for
+epoch permutation ``default_rng([seed, epoch])``, rank shard ``sharding.shard_indices`` (stride), truncated for
 train/meta, padded with id -1 for eval. Each rank's pipeline reads its own explicit, ordered file list
 (``fn.readers.file(files=...)``, no reader-side shuffling or sharding). What this buys over ``reader``: DALI's
 reader shuffles inside a buffer with an internal RNG whose state is not saved, so there ``set_epoch`` cannot choose
@@ -42,14 +42,18 @@ without a host sync.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from data_pipeline.backends.dali.pipelines import AugmentSpec, ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
+from data_pipeline.backends.registry import DALI_SHARDING
+from data_pipeline.backends.dali.pipelines import ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
 from data_pipeline.records import DataError, Record
-from data_pipeline.types import Batch, Streams, shard_indices
+from data_pipeline.settings import DataSettings
+from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size, shard_indices
+from data_pipeline.types import Batch, Streams
 
 # Seed tags: the train, meta and eval pipelines of one run never share random streams.
 _TAG_TRAIN, _TAG_META = 1, 2
@@ -60,20 +64,14 @@ META_CHUNK_SAMPLES = 4096
 META_CHUNK_BATCHES = 64
 
 
-def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int, *, shuffle: bool, pad: bool) -> list[int]:
-    """This rank's split indices for one epoch -- identical to the torch backend's ShardedBatchSampler."""
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return [int(order[i]) if i >= 0 else -1 for i in shard_indices(n, rank, world, pad=pad)]
-
-
-def resolve_device_id(cfg, device: torch.device | str | None) -> int | None:
+def resolve_device_id(settings: DataSettings, device: torch.device | str | None) -> int | None:
     """CUDA device index for "mixed" decode, or None for DALI CPU mode."""
     if device is not None:
         device = torch.device(device)
         if device.type != "cuda":
             return None
         return device.index if device.index is not None else torch.cuda.current_device()
-    if getattr(cfg.train, "cpu", False) or not torch.cuda.is_available():
+    if settings.cpu or not torch.cuda.is_available():
         return None
     return torch.cuda.current_device()
 
@@ -109,19 +107,14 @@ class _SplitTable:
         return _Tables(idx, [self.labels[i] if i >= 0 else 0 for i in idx])
 
 
-class DaliTrainStream:
+class DaliTrainStream(StreamPosition):
     """One epoch of this rank's shard per ``iter()``; a pipeline is built per epoch from the exact index list."""
 
     def __init__(self, records, spec: PipelineSpec, rank: int, world: int, seed: int):
         self.table, self.spec, self.rank, self.world, self.seed = _SplitTable(records), spec, rank, world, seed
-        self.epoch, self.consumed = 0, 0
 
     def __len__(self) -> int:
         return (len(self.table) // self.world) // self.spec.batch_size
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
 
     def __iter__(self) -> Iterator[Batch]:
         bs = self.spec.batch_size
@@ -138,14 +131,8 @@ class DaliTrainStream:
                 yield Batch(images, labels, ids)
         self.consumed = 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-
-
-class DaliMetaStream:
+class DaliMetaStream(StreamPosition):
     """Endless iterator over this rank's meta shard; pass p is permutation (seed, p); never raises StopIteration.
 
     Like the torch backend: the batch is clamped to the shard size and each pass drops its last partial batch.
@@ -153,13 +140,8 @@ class DaliMetaStream:
 
     def __init__(self, records, spec: PipelineSpec, rank: int, world: int, seed: int):
         self.table, self.rank, self.world, self.seed = _SplitTable(records), rank, world, seed
-        n_shard = len(self.table) // world
-        if n_shard == 0:
-            raise DataError(f"meta split has {len(self.table)} images, fewer than the {world} ranks")
-        self.spec = PipelineSpec(spec.image_size, min(spec.batch_size, n_shard), spec.num_threads,
-                                 spec.device_id, spec.augment)
-        self.batches_per_pass = n_shard // self.spec.batch_size
-        self.epoch, self.consumed = 0, 0
+        self.spec = dataclasses.replace(spec, batch_size=meta_batch_size(len(self.table), world, spec.batch_size))
+        self.batches_per_pass = (len(self.table) // world) // self.spec.batch_size
         self._run = None
 
     def _pass_indices(self, epoch: int) -> list[int]:
@@ -198,11 +180,9 @@ class DaliMetaStream:
                 self.epoch, self.consumed = self.epoch + 1, 0
             return Batch(images, labels, ids)
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed, self._run = int(state["epoch"]), int(state["consumed"]), None
+        super().load_state_dict(state)
+        self._run = None
 
 
 def _seeded_list(table: _SplitTable, seed: int, tag: int) -> tuple[list[str], list[int]]:
@@ -212,7 +192,7 @@ def _seeded_list(table: _SplitTable, seed: int, tag: int) -> tuple[list[str], li
     return table.files(order), order
 
 
-class DaliReaderTrainStream:
+class DaliReaderTrainStream(StreamPosition):
     """data.dali_sharding=reader: this rank's DALI-shuffled shard, one pipeline for the whole run (module doc).
 
     ``len()`` = floor(smallest shard / batch) on every rank. The pipeline is at batch ``_pos`` of its pass, which is
@@ -223,16 +203,11 @@ class DaliReaderTrainStream:
         self._files, self._positions = _seeded_list(self.table, seed, _TAG_TRAIN)
         self._tables = self.table.tables(range(len(self.table)))
         self._len = min(shard_sizes(len(self.table), world)) // spec.batch_size
-        self.epoch, self.consumed = 0, 0
         self._run: ReaderRun | None = None
         self._run_epoch, self._pos = 0, 0
 
     def __len__(self) -> int:
         return self._len
-
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.epoch, self.consumed = epoch, 0
 
     def _build(self, epoch: int) -> None:
         self._run = None  # release the old pipeline (threads, GPU buffers) before building the next
@@ -270,12 +245,6 @@ class DaliReaderTrainStream:
         while self._pos != 0:  # drop the rest of the pass now: the next epoch's first batch is then prefetched
             self._read()
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
-
 
 class DaliReaderMetaStream:
     """data.dali_sharding=reader: endless, DALI-shuffled passes over this rank's meta shard, one pipeline per run.
@@ -285,12 +254,8 @@ class DaliReaderMetaStream:
 
     def __init__(self, records, spec: PipelineSpec, rank: int, world: int, seed: int):
         self.table, self.rank, self.world, self.seed = _SplitTable(records), rank, world, seed
-        sizes = shard_sizes(len(self.table), world)
-        if min(sizes) == 0:
-            raise DataError(f"meta split has {len(self.table)} images, fewer than the {world} ranks")
-        self.shard_size = sizes[rank]
-        self.spec = PipelineSpec(spec.image_size, min(spec.batch_size, min(sizes)), spec.num_threads,
-                                 spec.device_id, spec.augment)
+        self.shard_size = shard_sizes(len(self.table), world)[rank]
+        self.spec = dataclasses.replace(spec, batch_size=meta_batch_size(len(self.table), world, spec.batch_size))
         self._files, self._positions = _seeded_list(self.table, seed, _TAG_META)
         self._tables = self.table.tables(range(len(self.table)))
         self._samples = 0  # samples read since the start of pass 0
@@ -352,7 +317,7 @@ class DaliEvalStream:
             yield Batch(images, labels, ids)
 
 
-def build_dali_streams(cfg, splits: dict[str, list[Record]], rank: int, world: int,
+def build_dali_streams(settings: DataSettings, splits: dict[str, list[Record]], rank: int, world: int,
                        device: torch.device | str | None = None) -> Streams:
     """Train / meta / eval streams over the split tables (Records with absolute paths, ideally prepared JPEGs)."""
     try:
@@ -360,23 +325,20 @@ def build_dali_streams(cfg, splits: dict[str, list[Record]], rank: int, world: i
     except ImportError as e:
         raise DataError("data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
                           f"or set data.backend=torch ({e})") from None
-    device_id = resolve_device_id(cfg, device)
-    size, threads = int(cfg.data.image_size), int(cfg.data.num_workers)
-    train_aug = AugmentSpec.from_data_cfg(cfg.data)
-    train_spec = PipelineSpec(size, int(cfg.train.batch_size), threads, device_id, train_aug)
-    meta_bs = int(cfg.meta.meta_batch_size) or int(cfg.train.batch_size)
-    meta_spec = PipelineSpec(size, meta_bs, threads, device_id, train_aug if cfg.data.meta_augment else None)
-    eval_spec = PipelineSpec(size, int(cfg.train.eval_batch_size), threads, device_id, None)
+    device_id = resolve_device_id(settings, device)
+    size, threads = settings.image_size, settings.num_workers
+    train_spec = PipelineSpec(size, settings.batch_size, threads, device_id, settings.augment)
+    meta_spec = PipelineSpec(size, settings.meta_batch_size, threads, device_id,
+                             settings.augment if settings.meta_augment else None)
+    eval_spec = PipelineSpec(size, settings.eval_batch_size, threads, device_id, None)
 
-    seed = int(cfg.train.seed)
-    sharding = cfg.data.dali_sharding
-    if sharding not in ("reader", "explicit"):  # config validation refuses other values already
+    sharding = settings.dali_sharding
+    if sharding not in DALI_SHARDING:  # config validation refuses other values already
         raise ValueError(f"data.dali_sharding must be 'reader' or 'explicit', got {sharding!r}")
     train_cls, meta_cls = ((DaliReaderTrainStream, DaliReaderMetaStream) if sharding == "reader"
                            else (DaliTrainStream, DaliMetaStream))
-    train = train_cls(splits["train"], train_spec, rank, world, seed)
     return Streams(
-        train=train,
-        meta=meta_cls(splits["meta"], meta_spec, rank, world, seed + int(cfg.meta.seed_offset)),
+        train=train_cls(splits["train"], train_spec, rank, world, settings.seed),
+        meta=meta_cls(splits["meta"], meta_spec, rank, world, settings.meta_seed),
         eval={s: DaliEvalStream(splits[s], eval_spec, rank, world, s) for s in ("meta", "test")},
     )
