@@ -61,7 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(p)
     args = p.parse_intermixed_args(argv)  # `CONFIG --resume auto key=value` as well as `CONFIG key=value --resume auto`
     setup_logging(args.debug)
-    metrics = run_training(args, debug=args.debug)
+    try:
+        metrics = run_training(args, debug=args.debug)
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop installed its handler (reading the data, building the model)
+        if args.debug:
+            raise
+        print("metaloss: interrupted (Ctrl-C) before training started; nothing to checkpoint", file=sys.stderr)
+        return 130
     return 130 if metrics.get("signal") == "SIGINT" else 0  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
