@@ -7,6 +7,7 @@ WORKDIR /opt/metaloss
 COPY requirements.txt pyproject.toml README.md ./
 RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install -r requirements.txt
 ENV PATH=/opt/venv/bin:$PATH
+COPY common common
 COPY trainer trainer
 COPY data_pipeline data_pipeline
 COPY launch launch

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from trainer.config import ModelConfig
 from trainer.meta import MetaReweighter
+from trainer.meta.modes import GRANULARITIES
 from trainer.components.models import build_model
 
 MODES = ("plain", "head", "exact", "exact_fd", "second_order")
@@ -135,7 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--granularity", default="batch", choices=["batch", "class", "sample"])
+    ap.add_argument("--granularity", default="batch", choices=list(GRANULARITIES))
     ap.add_argument("--detach-features", action="store_true", help="meta.detach_features=true")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--verbose", action="store_true", help="print every step's time")

@@ -17,5 +17,6 @@ READERS: dict[str, str] = {
     "prepared": "data_pipeline.readers.prepared:read",
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
-# the raw layouts `metaloss prepare` converts (a prepared dir is its output, not an input)
-RAW_FORMATS: tuple[str, ...] = tuple(f for f in FORMATS if f != "prepared")
+# the raw layouts `metaloss prepare` converts (a prepared dir is its output, not an input), the generic CSV layout
+# last: the order `metaloss prepare --dataset` has always listed its choices in (help text and usage errors)
+RAW_FORMATS: tuple[str, ...] = tuple(sorted((f for f in FORMATS if f != "prepared"), key=lambda f: f == "csv"))

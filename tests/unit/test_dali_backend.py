@@ -1,4 +1,4 @@
-"""DALI backend (CPU mode) against the torch backend's transforms and the stream contract of streams.py."""
+"""DALI backend (CPU mode) against the torch backend's transforms and the stream contract of data_pipeline/types.py."""
 from __future__ import annotations
 
 import pytest

@@ -1,6 +1,7 @@
 """The Trainer: builds every component from the config, runs epochs, evaluates, checkpoints, writes the run dir.
 
-Read ``fit`` top to bottom for the loop; the step itself lives in ``steps.py`` and the logging in ``run_logging.py``.
+Read ``fit`` top to bottom for the loop; the step itself lives in ``steps.py``, the logging in
+``trainer/observability/run_logging.py``.
 Many ranks: every rank runs this same loop in lock-step (same number of steps, the same checkpoints, the same stop
 decision -- see ``StopAgreement``); only the main process writes files.
 """
