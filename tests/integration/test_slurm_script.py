@@ -68,3 +68,10 @@ def test_socket_ifname_pins_gloo_and_nccl(tmp_path):
     assert "GLOO=ib0 NCCL=ib0" in log
     _, log = _run(tmp_path)
     assert "GLOO= NCCL=" in log  # unset: the libraries choose, as before
+
+
+def test_the_job_asks_for_the_signal_before_the_time_limit_and_may_be_requeued():
+    directives = {line.split()[1] for line in (REPO / "launch/slurm/train.sbatch").read_text().splitlines()
+                  if line.startswith("#SBATCH ")}
+    # TERM to the job step's processes (not only the batch shell: no "B:") 120 s before the limit
+    assert {"--signal=TERM@120", "--requeue", "--open-mode=append"} <= directives
