@@ -7,6 +7,7 @@ resumed run starts -- the property the bitwise resume test relies on.
 """
 from __future__ import annotations
 
+import atexit
 import signal
 from typing import Iterator
 
@@ -99,6 +100,7 @@ class ShardedBatchSampler:
 # worker killed by SIGTERM takes the trainer down ("DataLoader worker ... killed by signal") before it can checkpoint,
 # so workers ignore the stop signals and the main process alone decides when to stop (trainer.StopAgreement).
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_exit_hook_registered = False
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -126,7 +128,24 @@ def iterate(loader: DataLoader) -> Iterator[Batch]:
     yield from it
 
 
+def _kill_loader_workers_at_exit() -> None:
+    """multiprocessing's own exit hook SIGTERMs its daemonic children -- which loader workers ignore -- and then
+    joins them without a timeout: a process exiting while an iterator still holds workers (an error raised
+    mid-epoch) would hang there. Registered after that hook, this runs first and SIGKILLs them (they hold nothing
+    that needs saving)."""
+    import multiprocessing
+
+    for proc in multiprocessing.active_children():
+        if proc.daemon:
+            proc.kill()
+            proc.join(timeout=1)
+
+
 def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) -> DataLoader:
+    global _exit_hook_registered
+    if workers and not _exit_hook_registered:
+        atexit.register(_kill_loader_workers_at_exit)
+        _exit_hook_registered = True
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       worker_init_fn=ignore_stop_signals if workers else None)
