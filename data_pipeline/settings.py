@@ -40,6 +40,9 @@ class DataSettings:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     meta_augment: bool = False
     dali_sharding: str = "reader"
+    dali_threads: int = 0         # CPU threads per DALI pipeline; 0 = num_workers
+    dali_hw_decoder_load: float = 0.90  # share of JPEGs on the hardware decoder ("mixed" decode)
+    dali_dont_use_mmap: bool = False    # plain reads instead of mmap (network file systems)
     cpu: bool = False             # decode on the CPU even when CUDA is present (DALI)
 
     @classmethod
@@ -57,4 +60,6 @@ class DataSettings:
             num_workers=int(data.num_workers),
             augment=AugmentSpec(hflip=bool(data.hflip), rotate_deg=float(data.rotate_deg),
                                 brightness=float(data.brightness), contrast=float(data.contrast)),
-            meta_augment=bool(data.meta_augment), dali_sharding=data.dali_sharding, cpu=bool(train.cpu))
+            meta_augment=bool(data.meta_augment), dali_sharding=data.dali_sharding,
+            dali_threads=int(data.dali_threads), dali_hw_decoder_load=float(data.dali_hw_decoder_load),
+            dali_dont_use_mmap=bool(data.dali_dont_use_mmap), cpu=bool(train.cpu))

@@ -1,6 +1,6 @@
 """Which samples a rank reads, and where a stream stands: the pieces every backend shares (torch-free).
 
-* ``shard_indices`` / ``epoch_order``: the epoch permutation ``default_rng([seed, epoch])`` and the rank's stride of
+* ``shard_indices`` / ``pad_to_batches`` / ``epoch_order``: the epoch permutation ``default_rng([seed, epoch])`` and the rank's stride of
   it -- the torch backend and DALI ``explicit`` sharding draw the SAME sequence, so they are interchangeable mid-run.
 * ``meta_batch_size``: the meta stream's batch, clamped to the smallest rank shard (a larger batch would never fill).
 * ``StreamPosition``: the (epoch, batches consumed) state a train stream saves in a checkpoint.
@@ -25,6 +25,12 @@ def shard_indices(n: int, rank: int, world: int, *, pad: bool) -> list[int]:
     else:
         idx = idx[: n // world]
     return idx
+
+
+def pad_to_batches(idx: list[int], batch_size: int) -> list[int]:
+    """Eval shards: pad with id -1 up to a whole number of batches, so every eval batch has the same shape (a
+    compiled model then never recompiles for a last partial batch)."""
+    return idx + [-1] * (-len(idx) % batch_size)
 
 
 def epoch_order(n: int, rank: int, world: int, seed: int, epoch: int, *, shuffle: bool, pad: bool) -> list[int]:

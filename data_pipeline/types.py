@@ -14,8 +14,10 @@ Contract shared by every backend (``torch``, ``dali``, ``synthetic``) -- the tra
 * ``streams.meta``: an endless iterator (``next(streams.meta)``) over this rank's shard of the meta split, with its
   own seed; it re-shuffles after each pass and never raises StopIteration. ``state_dict()/load_state_dict()``.
 * ``streams.eval[split]`` for split in ("meta", "test"): finite, unaugmented, yields :class:`Batch` whose ``ids``
-  index the split; padding samples (added so every rank runs the same number of batches) carry id -1 and the
-  trainer drops them after gathering, so every image is counted exactly once across ranks.
+  index the split; every batch is exactly ``train.eval_batch_size`` long (``pad_to_batches``) so a compiled model
+  sees one eval shape and never recompiles for a last partial batch. Padding samples (added so every rank runs the
+  same number of full batches) carry id -1 and the trainer drops them after gathering, so every image is counted
+  exactly once across ranks.
 
 Images are float32 N x 3 x H x W, ImageNet-normalised; labels int64 N; ids int64 N. A backend may yield them on the
 GPU already (DALI "mixed"); the trainer moves them with ``.to(device, non_blocking=True)``, a no-op there.
@@ -84,4 +86,3 @@ class Streams:
     eval: dict[str, Any] = field(default_factory=dict)
     backend: str = ""
     class_counts: list[int] = field(default_factory=list)  # train-split counts per class (for loss weights)
-

@@ -3,8 +3,9 @@ command and the machine; no test asserts on wall-clock time.
 
 - meta:  step time of the meta-step modes vs a plain step (launch/bench_meta.py)
 - data:  prepare img/s and DALI vs torch loader img/s (launch/bench_data.py)
-- train: end-to-end Trainer img/s on the synthetic backend for a config (no I/O), e.g.
-         metaloss bench train configs/aptos_meta.yaml train.max_steps=50
+- train: end-to-end Trainer img/s for a config, on the synthetic backend (no I/O) unless the overrides pick a data
+         set; train.max_steps ends the run and the steady-state rate leaves out the first --warmup-steps, e.g.
+         metaloss bench train configs/aptos_meta.yaml train.max_steps=100 --warmup-steps 40
 """
 from __future__ import annotations
 
@@ -22,28 +23,58 @@ def _machine() -> str:
     return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {gpu}, torch {torch.__version__}"
 
 
-def bench_train(argv: list[str]) -> dict:
+def steady_rate(intervals: list[dict], warmup_steps: int) -> float | None:
+    """Median img/s of the logging intervals that start after ``warmup_steps`` (pipeline build, shuffle-buffer fill,
+    cuDNN autotuning and compilation all land in the first steps), or None when no interval is left."""
+    rates = sorted(iv["img_per_s"] for iv in intervals if iv["step"] - iv["steps"] >= warmup_steps)
+    return rates[len(rates) // 2] if rates else None
+
+
+def bench_train(argv: list[str], on_trainer=None) -> dict:
+    """``on_trainer(trainer)``: called once the Trainer is built, before fit (the GPU harness hooks in there)."""
     p = argparse.ArgumentParser(prog="metaloss bench train")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
+    p.add_argument("--warmup-steps", type=int, default=20, help="steps left out of the steady-state rate")
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_intermixed_args(argv)
     from trainer.config import load_config
     from trainer.engine.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        # one long epoch (4096 synthetic samples) cut by max_steps: the timing is not diluted by per-epoch evals
+        # train.max_steps ends the run: epochs are unbounded (a prepared set's epoch may be a few steps on a big
+        # batch) and the meta-split evaluation runs once, at the end, outside the timed intervals
         defaults = ["data.backend=synthetic", "data.root=", "data.synthetic_samples=4096", "checkpoint.enabled=false",
-                    "logging.tensorboard=false", f"run.out_dir={tmp}", "run.name=bench", "train.epochs=1",
-                    "train.max_steps=50"]
+                    "logging.tensorboard=false", f"run.out_dir={tmp}", "run.name=bench", "train.epochs=1000000",
+                    "eval.every_epochs=1000000", "train.max_steps=50"]
         cfg = load_config(args.config, defaults + args.overrides)
         trainer = Trainer(cfg, quiet=True)
+        if on_trainer is not None:
+            on_trainer(trainer)
         t0 = time.perf_counter()
         metrics = trainer.fit()
         wall = time.perf_counter() - t0
+    intervals = trainer.logger.intervals
+    steady = steady_rate(intervals, args.warmup_steps)
     out = {"config": args.config, "overrides": args.overrides, "steps": metrics["steps"],
-           "train_img_per_s": round(metrics["train_img_per_s"], 1), "wall_s": round(wall, 1), "machine": _machine()}
-    print(json.dumps(out, indent=2))
+           "bad_steps": metrics["bad_steps"],
+           "train_img_per_s": round(metrics["train_img_per_s"], 1),
+           "steady_img_per_s": round(steady, 1) if steady is not None else None,
+           "steady_after_steps": args.warmup_steps,
+           "steady_data_wait_frac": _median([iv["data_wait_frac"] for iv in intervals
+                                             if iv["step"] - iv["steps"] >= args.warmup_steps]),
+           "intervals": [{k: round(v, 4) if isinstance(v, float) else v for k, v in iv.items()} for iv in intervals],
+           "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
+           "wall_s": round(wall, 1), "machine": _machine()}
+    print(json.dumps({k: v for k, v in out.items() if k != "intervals"}, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
     return out
+
+
+def _median(values: list[float]) -> float | None:
+    return round(sorted(values)[len(values) // 2], 4) if values else None
 
 
 def run_bench(args) -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from trainer.config import ModelConfig
 from trainer.meta import MetaReweighter
 from trainer.meta.modes import GRANULARITIES
-from trainer.components.models import build_model
+from trainer.components.models import build_model, check_arch, to_memory_format
 
 MODES = ("plain", "head", "exact", "exact_fd", "second_order")
 NUM_CLASSES = 5
@@ -44,14 +44,15 @@ class _Runner:
     """One model + optimiser (+ reweighter) for one mode; ``step()`` is one full training step."""
 
     def __init__(self, mode: str, arch: str, device: str, precision: str, granularity: str, seed: int,
-                 detach_features: bool = False):
+                 detach_features: bool = False, image_size: Optional[int] = None):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         torch.manual_seed(seed)
         self.mode = mode
-        self.model = build_model(ModelConfig(arch=arch, num_classes=NUM_CLASSES)).to(device).train()
-        if device == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        cfg = ModelConfig(arch=arch, num_classes=NUM_CLASSES)
+        lookahead = {"plain": None, "exact_fd": "exact"}.get(mode, mode)
+        self.model = build_model(cfg, image_size=image_size, lookahead=lookahead).to(device).train()
+        self.model = to_memory_format(self.model, cfg, torch.device(device))
         self.opt = torch.optim.Adam(self.model.parameters(), lr=1e-4)
         self.autocast, self.scaler = _precision(precision, device)
         self.rw: Optional[MetaReweighter] = None
@@ -91,7 +92,7 @@ def bench_meta_step(arch: str = "resnet18", image_size: int = 64, batch: int = 3
                     ) -> dict[str, dict[str, float]]:
     """{mode: {"ms_per_step", "ratio_vs_plain"}} (median over ``steps`` timed steps after ``warmup``)."""
     modes = list(modes)
-    runners = {m: _Runner(m, arch, device, precision, granularity, seed, detach_features) for m in modes}
+    runners = {m: _Runner(m, arch, device, precision, granularity, seed, detach_features, image_size) for m in modes}
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, 3, image_size, image_size)
     train = (torch.randn(shape, generator=gen).to(device), torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device))
@@ -127,7 +128,7 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--arch", default="resnet18", choices=["tiny", "resnet18", "resnet34", "resnet50"])
+    ap.add_argument("--arch", default="resnet18", help="tiny or any torchvision classifier (model.arch)")
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--modes", default="plain,head,exact,second_order",
@@ -147,6 +148,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         ap.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    try:
+        check_arch(args.arch)
+    except ValueError as e:
+        ap.error(str(e))
     results = bench_meta_step(args.arch, args.image_size, args.batch, modes, args.steps, args.warmup,
                               args.precision, args.device, args.granularity, detach_features=args.detach_features,
                               log=(lambda s: print(s, file=sys.stderr)) if args.verbose else None)

@@ -59,16 +59,29 @@ class DataConfig:
     dali_sharding: str = "reader"
     # synthetic backend: images held in memory, for benchmarks
     synthetic_samples: int = 256
+    # DALI on a GPU node. Share of JPEG decoding given to the A100/H100/H200 hardware decoder (the rest runs in
+    # nvJPEG's CUDA/CPU hybrid path); NVIDIA's default moved from 0.65 to 0.90 in DALI 1.x.
+    dali_hw_decoder_load: float = 0.90
+    # CPU threads per DALI pipeline; 0 = data.num_workers. Each rank runs train + meta pipelines (and the eval ones
+    # while evaluating), so a node needs about ranks x 2 x threads cores (docs/PERFORMANCE.md, CPU budget).
+    dali_threads: int = 0
+    # read files with plain reads instead of mmap: on network file systems (NFS, Lustre, GPFS) mmap of many small
+    # files is slow or unreliable
+    dali_dont_use_mmap: bool = False
 
 
 @dataclass
 class ModelConfig:
+    # tiny | any classifier in torchvision.models.list_models(module=torchvision.models); checked against that
+    # registry when the model is built (trainer/components/models/), not here: this module does not import torch
     arch: str = "resnet50"
     # none | imagenet | <path to a .pth state dict>
     pretrained: str = "none"
     num_classes: int = 5
     channels_last: bool = True
     compile: bool = False
+    # torch.compile backend (inductor on GPUs; "eager" = dynamo tracing only, for tests)
+    compile_backend: str = "inductor"
 
 
 @dataclass
@@ -136,6 +149,16 @@ class TrainConfig:
     max_bad_steps: int = 5
     deterministic: bool = False
     grad_clip: float = 0.0
+    # cuDNN autotuning: training, meta and eval batches all have fixed shapes (eval pads its last batch), so the
+    # per-shape search runs once per shape; ignored (off) with train.deterministic
+    cudnn_benchmark: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # evaluate the meta split every N epochs (and always after the last one); on many GPUs an epoch can be a few
+    # steps long, and each evaluation decodes the whole meta split
+    every_epochs: int = 1
 
 
 @dataclass
@@ -149,6 +172,8 @@ class LoggingConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0 = only at epoch end
+    # checkpoint at the end of every N-th epoch (the run's end and a SIGTERM always checkpoint)
+    every_epochs: int = 1
     keep_last: int = 2
     enabled: bool = True
 
@@ -162,6 +187,7 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -175,7 +201,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", *FORMATS),
     "data.backend": ("auto", *BACKENDS),
     "data.dali_sharding": DALI_SHARDING,
-    "model.arch": ("resnet18", "resnet34", "resnet50", "tiny"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step"),
     "meta.granularity": GRANULARITIES,
@@ -257,11 +282,15 @@ def _validate(cfg: Config) -> None:
     if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
         raise ConfigError(f"config key 'data.split_fractions': need 3 positive fractions summing to 1, got {fr}")
     for dotted in ("train.batch_size", "train.eval_batch_size", "data.image_size", "model.num_classes",
-                   "meta.every", "logging.every_steps", "checkpoint.keep_last", "train.max_bad_steps"):
+                   "meta.every", "logging.every_steps", "checkpoint.keep_last", "train.max_bad_steps",
+                   "eval.every_epochs", "checkpoint.every_epochs"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")
-    for dotted in ("train.epochs", "train.max_steps", "checkpoint.every_steps"):
+    if not 0.0 <= cfg.data.dali_hw_decoder_load <= 1.0:
+        raise ConfigError("config key 'data.dali_hw_decoder_load': must be in [0, 1], got "
+                          f"{cfg.data.dali_hw_decoder_load}")
+    for dotted in ("train.epochs", "train.max_steps", "checkpoint.every_steps", "data.dali_threads"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 0:
             raise ConfigError(f"config key '{dotted}': must be >= 0")

@@ -11,7 +11,7 @@ import torch
 
 from data_pipeline.records import Record
 from data_pipeline.settings import DataSettings
-from data_pipeline.sharding import StreamPosition, meta_batch_size, shard_indices
+from data_pipeline.sharding import StreamPosition, meta_batch_size, pad_to_batches, shard_indices
 from data_pipeline.types import Batch, EndlessStream, Streams
 
 
@@ -23,11 +23,13 @@ def _tensors(records: list[Record], size: int, seed: int, device) -> tuple[torch
 
 
 class _Shard:
-    def __init__(self, records, size, seed, rank, world, device, *, pad: bool):
+    def __init__(self, records, size, seed, rank, world, device, *, pad_batch: int = 0):
         self.images, self.labels = _tensors(records, size, seed, device)
+        idx = shard_indices(len(records), rank, world, pad=pad_batch > 0)
+        if pad_batch:  # eval: whole batches only (types.pad_to_batches)
+            idx = pad_to_batches(idx, pad_batch)
         # indices live on the device with the images: a per-batch host->device copy would sync every step
-        self.idx = torch.tensor(shard_indices(len(records), rank, world, pad=pad), dtype=torch.int64,
-                                device=self.images.device)
+        self.idx = torch.tensor(idx, dtype=torch.int64, device=self.images.device)
 
     def batch(self, positions: torch.Tensor) -> Batch:
         ids = self.idx[positions]
@@ -37,7 +39,7 @@ class _Shard:
 
 class SyntheticTrainStream(StreamPosition):
     def __init__(self, records, size, batch_size, seed, rank, world, device):
-        self.shard = _Shard(records, size, seed, rank, world, device, pad=False)
+        self.shard = _Shard(records, size, seed, rank, world, device)
         self.batch_size, self.seed = batch_size, seed
 
     def __len__(self) -> int:
@@ -54,7 +56,7 @@ class SyntheticTrainStream(StreamPosition):
 
 class SyntheticEvalStream:
     def __init__(self, records, size, batch_size, seed, rank, world, device):
-        self.shard = _Shard(records, size, seed, rank, world, device, pad=True)
+        self.shard = _Shard(records, size, seed, rank, world, device, pad_batch=batch_size)
         self.batch_size = batch_size
 
     def __len__(self) -> int:

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_pipeline.image_ops import ImageError, load_rgb as decode_rgb8
 from data_pipeline.records import DataError, Record
 from data_pipeline.settings import DataSettings
-from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size
+from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size, pad_to_batches
 from data_pipeline.types import Batch, EndlessStream, Streams
 from data_pipeline.backends.transforms import eval_transform, train_transform
 
@@ -83,8 +83,10 @@ class ShardedBatchSampler:
         self.start_batch = 0
 
     def _indices(self) -> list[int]:
-        return epoch_order(self.n, self.rank, self.world, self.seed, self.epoch, shuffle=self.shuffle,
-                           pad=not self.train)
+        idx = epoch_order(self.n, self.rank, self.world, self.seed, self.epoch, shuffle=self.shuffle,
+                          pad=not self.train)
+        # eval: whole batches only, so a compiled model sees one shape (padding id -1, dropped after gathering)
+        return idx if self.train else pad_to_batches(idx, self.batch_size)
 
     def __len__(self) -> int:
         per_rank = self.n // self.world if self.train else -(-self.n // self.world)
@@ -141,13 +143,17 @@ def _kill_loader_workers_at_exit() -> None:
             proc.join(timeout=1)
 
 
-def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int) -> DataLoader:
+def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int, *, persistent: bool) -> DataLoader:
+    """persistent: the workers outlive a pass (the next ``iter()`` re-reads the sampler's epoch/start in the main
+    process and resumes the same workers). The train and meta streams need that: on 8 ranks an APTOS meta shard is
+    ~2 batches, and forking fresh workers every pass would dominate the step. The augmentation is seeded per sample
+    (``RecordDataset``), so which worker decodes a sample never changes its pixels and resume stays bitwise."""
     global _exit_hook_registered
     if workers and not _exit_hook_registered:
         atexit.register(_kill_loader_workers_at_exit)
         _exit_hook_registered = True
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=False,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
                       worker_init_fn=ignore_stop_signals if workers else None)
 
 
@@ -158,7 +164,8 @@ class TorchTrainStream(StreamPosition):
         tf = train_transform(settings.image_size, settings.augment) if augment \
             else eval_transform(settings.image_size)
         self.sampler = ShardedBatchSampler(len(records), batch_size, rank, world, seed, shuffle=True, train=True)
-        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, settings.num_workers)
+        self.loader = _loader(RecordDataset(records, tf, seed, augment=augment), self.sampler, settings.num_workers,
+                              persistent=True)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -177,7 +184,7 @@ class TorchEvalStream:
         sampler = ShardedBatchSampler(len(records), settings.eval_batch_size, rank, world, 0,
                                       shuffle=False, train=False)
         self.loader = _loader(RecordDataset(records, eval_transform(settings.image_size), 0, augment=False),
-                              sampler, settings.num_workers)
+                              sampler, settings.num_workers, persistent=False)  # idle between evaluations
 
     def __len__(self) -> int:
         return len(self.loader)

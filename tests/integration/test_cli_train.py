@@ -62,6 +62,8 @@ def test_existing_run_dir_is_not_overwritten(synth_dir, tmp_path):
 
 @pytest.mark.parametrize("override,needle", [
     ("train.epochz=1", "'train.epochz'"),
+    ("model.arch=efficientnet-b0", "close matches: efficientnet_b0"),
+    ("train.loss=meta meta.lookahead=head model.arch=squeezenet1_1", "1x1 convolution"),
     ("data.root=/nonexistent/dir", "config key 'data.root': /nonexistent/dir not found"),
     ("optim.lr=fast", "override 'optim.lr=fast'"),
     ("train.loss=focal loss.focal_gamma=-1", "focal_gamma"),
@@ -72,6 +74,8 @@ def test_user_errors_are_one_line_exit_2(synth_dir, tmp_path, override, needle):
                    *override.split(), check=False)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+    if "model.arch" in override:  # refused before the run dir is written: fixing the typo is enough to re-run
+        assert not (tmp_path / "err").exists()
 
 
 def test_unreadable_images_are_named_before_training(synth_dir, tmp_path):

@@ -54,7 +54,7 @@ def _eval_images(records) -> dict[int, torch.Tensor]:
 
     out = {}
     for b in DaliEvalStream(records, _spec(5), 0, 1, "test"):
-        out.update({int(i): img for i, img in zip(b.ids, b.images)})
+        out.update({int(i): img for i, img in zip(b.ids, b.images) if i >= 0})  # -1: padding of the last batch
     return out
 
 

@@ -52,11 +52,13 @@ def test_eval_two_ranks_cover_every_id_once(records):
     assert seen.count(-1) == 2 * (-(-n // 2)) - n
 
 
-@pytest.mark.parametrize("n", [23, 20])  # last batch partial (reader pads, iterator trims) / exact multiple
+@pytest.mark.parametrize("n", [23, 20])  # last batch padded with id -1 / exact multiple
 def test_eval_repeat_and_abandoned_pass_restart(records, n):
     stream = DaliEvalStream(records[:n], _spec(4), 0, 1, "test")
     first = [b.ids.tolist() for b in stream]
-    assert [i for ids in first for i in ids] == list(range(n))
+    # whole batches only (a compiled model sees one eval shape); the padding of the last batch has id -1
+    assert [len(ids) for ids in first] == [4] * -(-n // 4)
+    assert [i for ids in first for i in ids] == list(range(n)) + [-1] * (-n % 4)
     assert [b.ids.tolist() for b in stream] == first
     assert [b.ids.tolist() for b in stream] == first
     it = iter(stream)
@@ -218,7 +220,7 @@ def test_build_dali_streams_from_config(records, sharding, train_cls, meta_cls):
     b = next(iter(streams.train))
     assert b.images.shape == (4, 3, S, S) and b.images.device.type == "cpu"
     assert next(streams.meta).images.shape == (2, 3, S, S)
-    assert sorted(i for b in streams.eval["test"] for i in b.ids.tolist()) == list(range(4))
+    assert sorted(i for b in streams.eval["test"] for i in b.ids.tolist()) == [-1, -1] + list(range(4))  # 1 x 6
     cfg.train.batch_size = 64
     cfg.data.backend = "dali"
     with pytest.raises(DataError, match="fewer than one batch"):  # the factory refuses it for every backend
@@ -270,3 +272,18 @@ def test_gpu_mixed_decode_matches_cpu_mode(records):
             assert b.images.is_contiguous(memory_format=torch.channels_last) and b.ids.is_cuda
     meta = DaliReaderMetaStream(records, aug_spec, 0, 1, 0)
     assert all(next(meta).images.is_cuda for _ in range(8))  # 32 samples: crosses a pass boundary (23 images)
+
+
+def test_node_keys_reach_the_pipeline_and_plain_reads_match_mmap(records):
+    """data.dali_dont_use_mmap (network file systems) reads the same pixels; data.dali_threads overrides
+    data.num_workers; data.dali_hw_decoder_load is carried to the (GPU-only) decoder argument."""
+    cfg = config_from_dict({"data": {"backend": "dali", "image_size": S, "num_workers": 3, "dali_threads": 2,
+                                     "dali_dont_use_mmap": True, "dali_hw_decoder_load": 0.75},
+                            "train": {"cpu": True, "eval_batch_size": 5}})
+    splits = {"train": records, "meta": records, "test": records}
+    streams = build_dali_streams(DataSettings.from_config(cfg), splits, 0, 1, device="cpu")
+    spec = streams.eval["test"].spec
+    assert (spec.num_threads, spec.dont_use_mmap, spec.hw_decoder_load) == (2, True, 0.75)
+    plain = {int(i): img for b in streams.eval["test"] for i, img in zip(b.ids, b.images) if i >= 0}
+    mmap = _eval_images(records)
+    assert sorted(plain) == sorted(mmap) and all(torch.equal(plain[i], mmap[i]) for i in plain)

@@ -29,3 +29,9 @@ def test_bench_cli_rejects_unknown_mode(capsys):
     with pytest.raises(SystemExit):
         main(["--arch", "tiny", "--modes", "plain,fourth_order"])
     assert "fourth_order" in capsys.readouterr().err
+
+
+def test_bench_cli_rejects_unknown_arch_with_close_matches(capsys):
+    with pytest.raises(SystemExit):
+        main(["--arch", "resnet-18", "--modes", "plain"])
+    assert "close matches: resnet18" in capsys.readouterr().err

@@ -206,7 +206,7 @@ def test_broadcast_without_process_group_is_a_no_op():
     assert torch.equal(before, flat(rw.meta_net.parameters()))
 
 
-def test_head_needs_an_fc_linear():
+def test_head_uses_the_final_linear_layer_whatever_its_name():
     class NoFc(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -217,5 +217,8 @@ def test_head_needs_an_fc_linear():
 
     rw = MetaReweighter.from_dict({"lookahead": "head"}, K)
     x, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
-    with pytest.raises(ValueError, match="'fc'"):
-        rw.meta_gradient(NoFc(), (x, y), (x, y), 0.1)
+    grads = rw.meta_gradient(NoFc(), (x, y), (x, y), 0.1)
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    conv_head = torch.nn.Sequential(torch.nn.Conv2d(3, K, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(ValueError, match="needs a final linear layer"):
+        rw.meta_gradient(conv_head, (torch.randn(4, 3, 4, 4), y), (torch.randn(4, 3, 4, 4), y), 0.1)

@@ -146,4 +146,7 @@ def test_eval_sees_every_id_exactly_once_across_ranks(backend, splits, split):
         assert [b.ids.tolist() for b in stream] == [b.ids.tolist() for b in batches]  # finite, repeatable
     assert shapes[0] == shapes[1]  # every rank runs the same batches (gather-safe)
     assert sorted(i for i in seen if i >= 0) == list(range(n))
-    assert seen.count(-1) == WORLD * -(-n // WORLD) - n
+    # every batch is a full eval batch (one shape for a compiled model): each rank pads its ceil(n/WORLD) ids up to
+    # whole batches with id -1
+    assert {shape[0] for shape in shapes[0]} == {EVAL_BS}
+    assert seen.count(-1) == WORLD * EVAL_BS * -(-(-(-n // WORLD)) // EVAL_BS) - n

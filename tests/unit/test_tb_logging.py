@@ -194,7 +194,7 @@ def test_buffer_promotes_mixed_dtypes_and_rejects_non_scalars():
         buf.add("w", "1.0")
 
 
-def test_buffer_add_never_syncs_and_drain_syncs_once_per_name(monkeypatch):
+def test_buffer_add_never_syncs_and_drain_syncs_once(monkeypatch):
     buf = DeviceScalarBuffer()
 
     def forbidden(*a, **k):
@@ -216,10 +216,10 @@ def test_buffer_add_never_syncs_and_drain_syncs_once_per_name(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
     out = buf.drain()
     assert out["a"] == [float(i) for i in range(10)] and out["b"] == [float(-i) for i in range(10)]
-    assert sorted(calls) == [(10,), (10,)]  # one stacked transfer per name, not one per value
+    assert calls == [(20,)]  # one transfer for every name and value of the interval
 
 
-def test_buffer_drain_applies_the_reduction_once_per_name_before_the_copy():
+def test_buffer_drain_applies_the_reduction_once_before_the_copy():
     buf = DeviceScalarBuffer()
     for v in (1.0, 2.0, 3.0):
         buf.add("loss", torch.tensor(v))
@@ -230,6 +230,7 @@ def test_buffer_drain_applies_the_reduction_once_per_name_before_the_copy():
         calls.append(tuple(stacked.shape))
         return stacked * 10
 
+    buf.add("loss", 0.25)  # a host number is neither reduced nor copied
     out = buf.drain(reduce=fake_all_reduce_mean)
-    assert out == {"loss": [10.0, 20.0, 30.0], "w": [5.0]}
-    assert calls == [(3,), (1,)]
+    assert out == {"loss": [10.0, 20.0, 30.0, 0.25], "w": [5.0]}
+    assert calls == [(4,)]  # one collective for every name

@@ -110,6 +110,15 @@ def run_environment(cfg: Config, acc: Accelerator) -> dict:
             "hardware": hardware}
 
 
+def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The network under DDP / DeepSpeed / torch.compile wrappers.
+
+    ``keep_torch_compile=False`` matters: with the default, Accelerate re-points a compiled wrapper's ``_orig_mod``
+    at the bare network it unwrapped -- a compiled DDP model would then silently run without DDP (no gradient
+    all-reduce) from that call on."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def match_buffer_dtypes(module: torch.nn.Module) -> None:
     """Give floating buffers (BatchNorm running stats) the dtype of their module's parameters.
 

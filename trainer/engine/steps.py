@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.engine.accel import bare_model
+
 
 @dataclass
 class StepOutput:
@@ -38,7 +40,7 @@ class StepRunner:
         self.accelerator = accelerator
         self.cfg = cfg
         self.input_dtype = input_dtype
-        self.unwrapped = accelerator.unwrap_model(model)
+        self.unwrapped = bare_model(accelerator, model)
         # the torch optimiser under Accelerate's wrapper: the Adam look-ahead reads its state, the skip sets found_inf
         self.raw_optimizer = getattr(optimizer, "optimizer", optimizer)
         self.device_skip = bool(getattr(self.raw_optimizer, "defaults", {}).get("fused"))

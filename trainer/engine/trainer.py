@@ -20,14 +20,14 @@ from data_pipeline.records import class_names
 from data_pipeline.factory import build_streams
 from data_pipeline.settings import DataSettings
 
-from trainer.engine.accel import (StopAgreement, broadcast_buffers, build_accelerator, match_buffer_dtypes,
-                                  run_environment)
+from trainer.engine.accel import (StopAgreement, bare_model, broadcast_buffers, build_accelerator,
+                                  match_buffer_dtypes, run_environment)
 from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, clear_preempted, load_latest,
                                       mark_preempted, resolve_resume, save_checkpoint, written_by_ranks)
 from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
-from trainer.components.models import build_model
+from trainer.components.models import build_model, check_model_config, to_memory_format
 from trainer.components.optim import apply_optim_config, build_optimizer, build_scheduler
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
 from trainer.observability.run_logging import RunLogger
@@ -52,10 +52,15 @@ class Trainer:
     def __init__(self, cfg: Config, *, resume: str | None = None, overwrite: bool = False, force: bool = False,
                  quiet: bool = False):
         self.cfg = cfg
+        lookahead = cfg.meta.lookahead if cfg.train.loss == "meta" else None
+        check_model_config(cfg.model, cfg.data.image_size, lookahead)  # before the run dir is written
         self.accelerator = acc = build_accelerator(cfg)  # refuses unsupported distributed combinations first
         set_seed(cfg.train.seed)
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
+        # every batch shape is fixed (train drops its partial batch, eval pads its last one), so cuDNN's per-shape
+        # algorithm search runs once per shape and then pays off every step
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
             cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force,
             environment=run_environment(cfg, acc)))
@@ -65,9 +70,8 @@ class Trainer:
         k = cfg.model.num_classes
         self.class_names = class_names(k)
 
-        model = build_model(cfg.model)
-        if acc.device.type == "cuda" and cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
+        model = to_memory_format(build_model(cfg.model, image_size=cfg.data.image_size, lookahead=lookahead),
+                                 cfg.model, acc.device)
         fused = cfg.train.distributed != "deepspeed"  # fused kernels skip non-finite steps on the device
         optimizer = build_optimizer(cfg.optim, model.parameters(), fused=fused)
         self.steps_per_epoch = len(self.streams.train)
@@ -87,11 +91,15 @@ class Trainer:
         # θ: DDP or a DeepSpeed engine. The meta step looks ahead on the unwrapped module (rank-local gradient);
         # the real step goes through the wrapper (gradient all-reduce / ZeRO).
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        match_buffer_dtypes(acc.unwrap_model(self.model))  # DeepSpeed bf16 casts parameters, not BatchNorm buffers
+        match_buffer_dtypes(bare_model(acc, self.model))  # DeepSpeed bf16 casts parameters, not BatchNorm buffers
         if cfg.model.compile:
-            # the real step and evaluation run compiled; the meta step unwraps to the eager module (forward-mode AD
-            # and functional_call need it) -- both share the same parameters, so checkpoints are unaffected
-            self.model = torch.compile(self.model)
+            # the real step and evaluation run compiled (the DDP wrapper inside, so DDPOptimizer keeps the gradient
+            # all-reduce overlapped with the backward); the meta step takes the eager module (forward-mode AD and
+            # functional_call need it) via bare_model, which never rewires the compiled wrapper. Both share the
+            # same parameters, and Accelerate checkpoints the prepared (uncompiled) model.
+            # dynamic=False: every shape the compiled model sees is fixed (train drops its partial batch, eval pads
+            # its last one), so static-shape kernels, and a new shape would be a bug worth a recompile warning
+            self.model = torch.compile(self.model, backend=cfg.model.compile_backend, dynamic=False)
         self.input_dtype = torch.bfloat16 if (cfg.train.distributed == "deepspeed"
                                               and cfg.train.precision == "bf16") else None
         self.state = TrainState(world_size=acc.num_processes)
@@ -190,6 +198,7 @@ class Trainer:
             t_got = time.perf_counter()
             if st.step == 0:
                 self.logger.first_batch(batch.images)
+            self.logger.step_begin()
             out = self.step_runner(batch, st.step)
             st.step += 1
             st.images_seen += batch.labels.shape[0] * self.accelerator.num_processes
@@ -215,21 +224,20 @@ class Trainer:
             lrs["lr/meta"] = self.reweighter.optimizer.param_groups[0]["lr"]
         return lrs
 
-    def _sync_logs(self, publish: bool = False) -> None:
+    def _sync_logs(self, flags: dict | None = None, publish: bool = False) -> dict[str, float]:
         """Drain the per-step buffers into the state (the one place the hot loop syncs with the device)."""
-        self.logger.flush_steps(self.state, self._lrs(), publish=publish)
+        reduced = self.logger.flush_steps(self.state, self._lrs(), flags, publish=publish)
         self.state.bad_steps = int(self.runner.bad_steps)
+        return reduced
 
     def _flush_logs(self, publish: bool = True) -> None:
-        self._sync_logs(publish)
+        # a bad batch may be bad on one rank only (the loss is rank-local): stop on every rank or on none, or the
+        # stopping rank's checkpoint collective would wait for ranks that went on training. The flag rides in the
+        # logger's one all-reduce (mean over ranks > 0 <=> some rank hit the limit).
+        too_many = (self.runner.max_consecutive_bad >= self.cfg.train.max_bad_steps).float()
+        reduced = self._sync_logs({"too_many_bad": too_many}, publish=publish)
         st = self.state
-        worst = self.runner.max_consecutive_bad
-        if self.accelerator.num_processes > 1:
-            # a bad batch may be bad on one rank only (the loss is rank-local): stop on every rank or on none, or
-            # the stopping rank's checkpoint collective would wait for ranks that went on training
-            worst = worst.clone()
-            torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
-        if int(worst) >= self.cfg.train.max_bad_steps:
+        if reduced["too_many_bad"] > 0:
             # skipped steps never touched the weights, so the current state *is* the last good one
             self._checkpoint()
             raise TrainingStopped(f"{self.cfg.train.max_bad_steps} consecutive steps had a non-finite loss or "
@@ -237,13 +245,16 @@ class Trainer:
                                   f"{self.run_dir / 'checkpoints'}")
 
     def _end_epoch(self) -> None:
-        st = self.state
-        self._flush_logs(publish=st.step % self.cfg.logging.every_steps == 0)  # points at regular steps only
-        val, _ = self._evaluate("meta")
-        record = self.logger.epoch_end(st, val)
-        st.history.append(record)
+        cfg, st = self.cfg, self.state
+        self._flush_logs(publish=st.step % cfg.logging.every_steps == 0)  # TensorBoard points at regular steps only
+        last = st.epoch + 1 >= cfg.train.epochs or self._done()
+        if last or (st.epoch + 1) % cfg.eval.every_epochs == 0:
+            # history holds one record per *evaluated* epoch; its train losses cover the steps since the previous one
+            val, _ = self._evaluate("meta")
+            st.history.append(self.logger.epoch_end(st, val))
         st.epoch += 1
-        if self.cfg.checkpoint.enabled:
+        # the last epoch's checkpoint is written by _finish after the test evaluation
+        if cfg.checkpoint.enabled and st.epoch % cfg.checkpoint.every_epochs == 0:
             self._checkpoint()
         self.logger.restart_clock()
 
@@ -256,7 +267,7 @@ class Trainer:
     def _sync_buffers(self) -> None:
         """DeepSpeed leaves each rank its own BatchNorm statistics; give every rank rank 0's, as DDP would."""
         if self.cfg.train.distributed == "deepspeed":
-            broadcast_buffers(self.accelerator.unwrap_model(self.model), src=0)
+            broadcast_buffers(bare_model(self.accelerator, self.model), src=0)
 
     def _evaluate(self, split: str) -> tuple[dict, Predictions]:
         self._sync_buffers()

@@ -45,6 +45,7 @@ activations then have a fixed scale, which matters under fp16 autocast where a r
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Optional, Sequence
 
@@ -52,11 +53,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.meta.lookahead import (AutocastFactory, VirtualLossScale, apply_preconditioner, autocast_context,
                                     forward_with, frozen_batchnorm, per_sample_ce, preconditioner, sgd_lookahead,
                                     trainable_params)
 from trainer.meta.net import Weighting
+from trainer.meta.randomness import RngSnapshot
 
 # forward_ad's first make_dual loads torch's own JIT-scripted decompositions, which warn about torch.jit.script's
 # deprecation on every run; that is torch talking to itself, not something a user can act on
@@ -87,7 +90,8 @@ def directional_forward_ad(module: nn.Module, names: Sequence[str], params: Sequ
     """d_i = ⟨v, ∇θ ℓ_i(θ)⟩ for all i from one forward pass with dual-number parameters (call inside
     ``frozen_batchnorm``)."""
     direction, norm = _unit_direction(v)
-    with torch.no_grad(), fwAD.dual_level():
+    # forward-mode AD is implemented for the math attention kernel only (not the CPU flash kernel ViT would pick)
+    with torch.no_grad(), fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
         duals = {n: fwAD.make_dual(p.detach(), t) for n, p, t in zip(names, params, direction)}
         with autocast_context(autocast):
             logits = functional_call(module, duals, (x,))
@@ -97,15 +101,19 @@ def directional_forward_ad(module: nn.Module, names: Sequence[str], params: Sequ
 
 def directional_fd(module: nn.Module, names: Sequence[str], params: Sequence[torch.Tensor],
                    v: Sequence[torch.Tensor], x: torch.Tensor, y: torch.Tensor, fd_eps: float,
-                   autocast: AutocastFactory = None) -> torch.Tensor:
-    """Central difference along v̂ with step fd_eps (two plain forwards; O(fd_eps²) truncation error)."""
+                   autocast: AutocastFactory = None, rng: Optional[RngSnapshot] = None) -> torch.Tensor:
+    """Central difference along v̂ with step fd_eps (two plain forwards; O(fd_eps²) truncation error); both
+    forwards replay ``rng`` (the same dropout masks on either side of θ)."""
+    replay = rng.replay if rng is not None else contextlib.nullcontext
     direction, norm = _unit_direction(v)
     with torch.no_grad():
         base = [p.detach() for p in params]
         plus = torch._foreach_add(base, direction, alpha=fd_eps)
         minus = torch._foreach_add(base, direction, alpha=-fd_eps)
-        loss_plus = per_sample_ce(forward_with(module, names, plus, x, autocast), y)
-        loss_minus = per_sample_ce(forward_with(module, names, minus, x, autocast), y)
+        with replay():
+            loss_plus = per_sample_ce(forward_with(module, names, plus, x, autocast), y)
+        with replay():
+            loss_minus = per_sample_ce(forward_with(module, names, minus, x, autocast), y)
         return (loss_plus - loss_minus) * (norm.to(loss_plus.dtype) / (2.0 * fd_eps))
 
 
@@ -128,8 +136,11 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
                         detach_features: bool, lookahead_optimizer: str = "sgd", optimizer=None,
                         directional: str = "forward_ad", fd_eps: float = 1e-3,
                         autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
-                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle."""
+                        rng: Optional[RngSnapshot] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(∇φ L_meta aligned with the meta-net's parameters, L_meta); same value as the second-order oracle.
+
+    ``rng``: the generator state the train batch's forward started from (taken here, before step 1, when None; a
+    caller that runs that forward itself must snapshot before it and pass the snapshot)."""
     if directional not in ("forward_ad", "fd"):
         raise ValueError(f"meta.directional: {directional!r} is not one of forward_ad, fd")
     x, y = train_batch
@@ -141,6 +152,7 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
     # ∇θ L_w = w ∇θ mean(ℓ) and S only needs mean_i d_i = ⟨v, ∇θ mean(ℓ)⟩ -- a dot product with a gradient
     # step 1 already has. The third network pass (dual or finite-difference forwards) is skipped.
     shared_weight = weighting.granularity == "batch" and detach_features
+    rng = rng or RngSnapshot(x.device)  # step 3 replays step 1's dropout / stochastic-depth draws
     with frozen_batchnorm(module), torch.enable_grad():
         # 1. virtual gradient at θ (the meta-net part of this graph is not differentiated here)
         with autocast_context(autocast):
@@ -166,9 +178,10 @@ def exact_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weightin
         if shared_weight:
             d = _dot(v, mean_grads).to(losses.dtype).expand(losses.shape[0])
         elif directional == "forward_ad":
-            d = directional_forward_ad(module, names, params, v, x, y, autocast)
+            with rng.replay():
+                d = directional_forward_ad(module, names, params, v, x, y, autocast)
         else:
-            d = directional_fd(module, names, params, v, x, y, fd_eps, autocast)
+            d = directional_fd(module, names, params, v, x, y, fd_eps, autocast, rng)
     scale.check([d])
     # 4. the meta-net part
     phi_grads = surrogate_meta_gradient(weighting, losses, d, y, lr, detach_features)

@@ -1,4 +1,5 @@
-"""``head`` look-ahead: the virtual step moves only the final linear layer ``model.fc``.
+"""``head`` look-ahead: the virtual step moves only the final linear layer (``fc`` below: the layer
+``classifier_layer`` finds -- ResNet's ``fc``, EfficientNet's ``classifier[-1]``, ViT's ``heads.head``, ...).
 
 The fc inputs h (train batch) and h_m (meta batch) are taken, detached, by a forward pre-hook on ``model.fc``
 during two no-grad forwards of the network. Everything after that involves the tiny head only, so it runs in
@@ -22,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.components.models import classifier_layer
 from trainer.meta.exact import surrogate_meta_gradient
 from trainer.meta.lookahead import (AutocastFactory, VirtualLossScale, apply_preconditioner, autocast_context,
                                     frozen_batchnorm, per_sample_ce, preconditioner, sgd_lookahead)
@@ -41,10 +43,7 @@ def captured_fc_input(fc: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 def head_features(module: nn.Module, x: torch.Tensor, autocast: AutocastFactory) -> torch.Tensor:
     """The fc input for a batch: one no-grad forward with BatchNorm buffers protected."""
-    fc = getattr(module, "fc", None)
-    if not isinstance(fc, nn.Linear):
-        raise ValueError(f"meta.lookahead=head needs the model to end in an nn.Linear named 'fc'; "
-                         f"{type(module).__name__} has {type(fc).__name__}")
+    fc = classifier_layer(module)
     with captured_fc_input(fc) as seen, frozen_batchnorm(module), torch.no_grad(), autocast_context(autocast):
         module(x)
     if len(seen) != 1:
@@ -63,7 +62,7 @@ def head_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weighting
     """(∇φ L_meta for a look-ahead over fc only, L_meta). ``scale`` is unused: the head runs in >= fp32."""
     x, y = train_batch
     xm, ym = meta_batch
-    fc = module.fc if isinstance(getattr(module, "fc", None), nn.Linear) else None
+    fc = classifier_layer(module)
     h = head_features(module, x, autocast)
     h_meta = head_features(module, xm, autocast)
     real = [p for p in (fc.weight, fc.bias) if p is not None and p.requires_grad]

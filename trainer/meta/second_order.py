@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from trainer.meta.lookahead import (AutocastFactory, VirtualLossScale, autocast_context, forward_with,
                                     frozen_batchnorm, per_sample_ce, preconditioner, trainable_params)
@@ -31,7 +32,8 @@ def second_order_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, w
     names, params = trainable_params(module, param_names)
     precond = preconditioner(params, optimizer, lookahead_optimizer)
     meta_params = list(weighting.meta_net.parameters())
-    with frozen_batchnorm(module), torch.enable_grad():
+    # the fused attention kernels have no double backward (ViT): the math kernel is plain differentiable ops
+    with frozen_batchnorm(module), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
         with autocast_context(autocast):
             logits = module(x)
         losses = per_sample_ce(logits, y)

@@ -1,7 +1,8 @@
 """Everything the Trainer reports: TensorBoard, progress bars, per-step history, metrics.json, predictions.
 
-Per-step statistics stay on the device (``DeviceScalarBuffer``) until a logging interval, where they are reduced
-across ranks (mean) in one collective per name and copied to the host once. Only the main process writes files.
+Per-step statistics stay on the device (``DeviceScalarBuffer``) until a logging interval, where all of them are
+reduced across ranks (mean) in ONE collective and copied to the host once; the meta-weight histograms are copied on
+the main process only. Only the main process writes files.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from common.atomic import atomic_write, atomic_write_text
 
 from trainer.config import config_to_dict
 from trainer.engine.accel import run_environment
+from trainer.observability.step_clock import IdleClock
 from trainer.observability.tb_logging import DeviceScalarBuffer, TBLogger
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,8 @@ class RunLogger:
         self.wait_s = self.step_s = 0.0
         self.images = 0
         self.t_interval = time.perf_counter()
+        self.idle = IdleClock(accelerator.device)
+        self.intervals: list[dict] = []  # per logging interval: last step, img/s, data wait (for `metaloss bench`)
         self.bar = None
         self.collapsed_run = 0  # consecutive steps whose meta weights all sat at 0 or 1
         self.collapse_warned = False
@@ -83,6 +87,7 @@ class RunLogger:
     def restart_clock(self) -> None:
         """Training throughput counts training only: restart after evaluation, checkpoints and resume loading."""
         self.t_interval = time.perf_counter()
+        self.idle.restart()
 
     def first_batch(self, images: torch.Tensor) -> None:
         """One augmented training batch, as the network sees it (de-normalised by the TB logger)."""
@@ -90,7 +95,12 @@ class RunLogger:
             self.tb.image_grid("train/images", images[:32].float().cpu(), 0)
 
     # --- per step (no sync) ---------------------------------------------------------------------------------------
+    def step_begin(self) -> None:
+        """Right before the step is queued (after its batch arrived): the device's idle gap ends here."""
+        self.idle.begin()
+
     def step(self, step: int, out, *, wait_s: float, step_s: float) -> None:
+        self.idle.end()
         self.steps.append(step)
         for key in _STEP_KEYS + ("bad_step",):
             if key in out.stats:
@@ -106,16 +116,22 @@ class RunLogger:
             self.bar.update(1)
 
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
-        return self.acc.reduce(stacked.float(), reduction="mean") if self.acc.num_processes > 1 else stacked
+        return self.acc.reduce(stacked, reduction="mean") if self.acc.num_processes > 1 else stacked
 
-    def flush_steps(self, state, lrs: dict[str, float], *, publish: bool = True) -> None:
+    def flush_steps(self, state, lrs: dict[str, float], flags: dict[str, torch.Tensor] | None = None, *,
+                    publish: bool = True) -> dict[str, float]:
         """Logging interval: reduce across ranks, copy to host once, append to history, write TensorBoard.
 
-        ``publish=False`` (a checkpoint or an epoch end between two logging steps) only drains the buffers into the
-        history the checkpoint needs; TensorBoard and the progress line keep one point per ``logging.every_steps``,
-        at regular steps, averaged over all the steps since the last point."""
+        ``flags`` (0-dim device tensors) ride in the same all-reduce and come back as their mean over ranks, so
+        the trainer's cross-rank decisions cost no collective of their own. ``publish=False`` (a checkpoint or an
+        epoch end between two logging steps) only drains the buffers into the history the checkpoint needs;
+        TensorBoard and the progress line keep one point per ``logging.every_steps``, at regular steps, averaged
+        over all the steps since the last point."""
+        for name, value in (flags or {}).items():
+            self.buffer.add(f"flag/{name}", value)
+        values = self.buffer.drain(reduce=self._reduce)
+        reduced_flags = {name: values.pop(f"flag/{name}")[0] for name in flags or {}}
         if self.steps:
-            values = self.buffer.drain(reduce=self._reduce)
             per_step: dict[int, dict] = {s: {"step": s} for s in self.steps}
             for key, vals in values.items():
                 for step, v in zip(self.stat_steps[key], vals):
@@ -123,7 +139,7 @@ class RunLogger:
             rows = [per_step[s] for s in self.steps]
             state.step_history.extend({k: r.get(k) for k in ("step",) + _STEP_KEYS} for r in rows)
             self._check_collapse(rows)
-            elapsed = time.perf_counter() - self.t_interval
+            elapsed = time.perf_counter() - self.t_interval  # real: the drain's copy above waited for the device
             state.train_seconds += elapsed
             self.pending_rows += rows
             self.pending_s += elapsed
@@ -131,6 +147,7 @@ class RunLogger:
             self.t_interval = time.perf_counter()
         if publish and self.pending_rows:
             self._publish(state, lrs)
+        return reduced_flags
 
     def _publish(self, state, lrs: dict[str, float]) -> None:
         rows, elapsed = self.pending_rows, self.pending_s
@@ -145,14 +162,16 @@ class RunLogger:
         # cumulative: state.bad_steps is the total up to the previous interval (the trainer updates it after this)
         scalars["faults/bad_steps"] = float(state.bad_steps + sum(r.get("bad_step", 0) for r in rows))
         scalars["perf/img_per_s"] = img_s
-        scalars["perf/data_wait_frac"] = self.wait_s / max(self.wait_s + self.step_s, 1e-9)
+        scalars["perf/data_wait_frac"] = self.idle.idle_fraction(host_wait_s=self.wait_s, wall_s=elapsed)
         if self.acc.device.type == "cuda":
             scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         scalars.update(lrs)
         # an x-axis that means the same for any world size: curves of 1 and 8 ranks line up against it
         scalars["progress/images_seen"] = float(state.images_seen)
+        self.intervals.append({"step": last, "steps": len(rows), "img_per_s": img_s,
+                               "data_wait_frac": scalars["perf/data_wait_frac"]})
         self.tb.scalars(last, scalars)
-        if self.weights:
+        if self.weights and self.tb.active:  # only the main process writes them: no copy on the other ranks
             self._weight_histograms(last)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{img_s:.0f}")
@@ -162,6 +181,7 @@ class RunLogger:
         self.weights, self.weight_labels = [], []
         self.wait_s = self.step_s = 0.0
         self.images = 0
+        self.idle.restart()
 
     def _progress_line(self, state, step: int, loss, img_s: float, s_per_step: float) -> None:
         total = self.total_steps or step

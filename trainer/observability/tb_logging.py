@@ -9,7 +9,8 @@ Scalars (``TBLogger.scalars``)
     meta/weight_mean, meta/weight_std, meta/weight_min, meta/weight_max   statistics of the meta-net's weights
     lr/classifier, lr/meta                                               current learning rates
     perf/img_per_s        training throughput (all ranks)
-    perf/data_wait_frac   fraction of step time spent waiting for the data stream
+    perf/data_wait_frac   fraction of the interval's wall time the device sat idle between training steps
+                          (GPU: CUDA events; CPU: time blocked on the train stream)
     perf/gpu_mem_gib      peak allocated accelerator memory
     faults/bad_steps      steps skipped because of a non-finite loss or gradient (cumulative)
 
@@ -144,7 +145,7 @@ class DeviceScalarBuffer:
     """Collects per-step scalars without a host-device sync per step.
 
     ``add`` keeps a detached reference to the 0-dim device tensor (no copy, no ``.item()``); ``drain``, called at a
-    logging interval, does one ``torch.stack(...).cpu()`` per name and returns python floats in insertion order.
+    logging interval, does one ``torch.stack(...).cpu()`` for all names and returns python floats in insertion order.
     Python numbers are accepted too (kept as-is) so callers need not special-case values already on the host.
     """
 
@@ -169,24 +170,22 @@ class DeviceScalarBuffer:
         return sum(len(v) for v in self._values.values())
 
     def drain(self, reduce=None) -> dict[str, list[float]]:
-        """``reduce``, if given, maps each name's stacked device tensor before the copy -- the trainer passes an
-        all-reduce (mean over ranks), so a multi-rank run pays one collective per name per interval, not per step."""
-        out: dict[str, list[float]] = {}
-        for name, entries in self._values.items():
-            tensor_pos = [i for i, v in enumerate(entries) if isinstance(v, torch.Tensor)]
-            result = list(entries)
-            if tensor_pos:
-                tensors = [entries[i] for i in tensor_pos]
-                # Mixed dtypes (e.g. a bf16 loss one step, fp32 the next) cannot be stacked; promote on the device.
-                dtype = tensors[0].dtype
-                for t in tensors[1:]:
-                    dtype = torch.promote_types(dtype, t.dtype)
-                stacked = torch.stack([t.to(dtype) for t in tensors])
-                if reduce is not None:
-                    stacked = reduce(stacked)
-                host = stacked.cpu().to(torch.float64).tolist()
-                for i, v in zip(tensor_pos, host):
-                    result[i] = v
-            out[name] = [float(v) for v in result]
+        """Every buffered tensor of every name goes into ONE flat device vector: ``reduce`` (the trainer passes a
+        mean all-reduce across ranks) runs once on it, and one ``.cpu()`` brings it to the host -- one collective
+        and one device->host copy per logging interval, whatever the number of names. Ranks must add the same names
+        in the same order (they do: every rank runs the same steps with the same config)."""
+        slots = [(name, i) for name, entries in self._values.items()
+                 for i, v in enumerate(entries) if isinstance(v, torch.Tensor)]
+        out = {name: list(entries) for name, entries in self._values.items()}
+        if slots:
+            # one dtype for the whole vector: at least float32 (integer counters average), float64 when present
+            dtype = torch.float32
+            for name, i in slots:
+                dtype = torch.promote_types(dtype, self._values[name][i].dtype)
+            flat = torch.stack([self._values[name][i].to(dtype) for name, i in slots])
+            if reduce is not None:
+                flat = reduce(flat)
+            for (name, i), v in zip(slots, flat.cpu().to(torch.float64).tolist()):
+                out[name][i] = v
         self._values = {}
-        return out
+        return {name: [float(v) for v in vals] for name, vals in out.items()}

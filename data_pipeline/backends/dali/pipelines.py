@@ -54,6 +54,9 @@ class PipelineSpec:
     num_threads: int
     device_id: int | None       # None = DALI CPU mode (decode + augment on the CPU threads)
     augment: AugmentSpec | None  # None = eval: resize + normalise only
+    # share of the JPEG decoding on the A100/H100/H200 hardware decoder ("mixed" only; DALI's default is 0.90)
+    hw_decoder_load: float = 0.90
+    dont_use_mmap: bool = False  # plain reads instead of mmap (network file systems)
 
     @property
     def gpu(self) -> bool:
@@ -96,8 +99,10 @@ def build_pipeline(spec: PipelineSpec, files: Sequence[str], positions: Sequence
     @pipeline_def
     def _pipe():
         jpegs, pos = fn.readers.file(files=list(files), labels=[int(p) for p in positions], name=READER_NAME,
-                                     **reader_args)
-        images = fn.decoders.image(jpegs, device="mixed" if spec.gpu else "cpu", output_type=types.RGB)
+                                     dont_use_mmap=spec.dont_use_mmap, **reader_args)
+        gpu_decode = dict(hw_decoder_load=spec.hw_decoder_load) if spec.gpu else {}
+        images = fn.decoders.image(jpegs, device="mixed" if spec.gpu else "cpu", output_type=types.RGB,
+                                   **gpu_decode)
         images = fn.resize(images, resize_x=spec.image_size, resize_y=spec.image_size,
                            interp_type=types.INTERP_LINEAR, antialias=True)
         mirror = 0

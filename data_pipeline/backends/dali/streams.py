@@ -52,7 +52,7 @@ from data_pipeline.backends.registry import DALI_SHARDING
 from data_pipeline.backends.dali.pipelines import ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
 from data_pipeline.records import DataError, Record
 from data_pipeline.settings import DataSettings
-from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size, shard_indices
+from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size, pad_to_batches, shard_indices
 from data_pipeline.types import Batch, Streams
 
 # Seed tags: the train, meta and eval pipelines of one run never share random streams.
@@ -293,12 +293,15 @@ class DaliReaderMetaStream:
 
 
 class DaliEvalStream:
-    """Finite, unaugmented, unshuffled; every rank runs ceil(n/world) samples, padding slots carry id -1."""
+    """Finite, unaugmented, unshuffled; every rank runs ceil(ceil(n/world) / batch) full batches, padding slots
+    (id -1) fill the rank's shard up to that."""
 
     def __init__(self, records, spec: PipelineSpec, rank: int, world: int, split: str):
         table = _SplitTable(records)
         self.spec, self.split, self.rank = spec, split, rank
-        self._idx = shard_indices(len(table), rank, world, pad=True) if len(table) else []
+        # whole batches only (types.pad_to_batches): a compiled model then never sees a partial last batch
+        self._idx = pad_to_batches(shard_indices(len(table), rank, world, pad=True), spec.batch_size) \
+            if len(table) else []
         self._files = table.files(self._idx)
         self._tables = table.tables(self._idx)
         self._run = None  # built on first use: eval streams are idle for most of a run
@@ -326,11 +329,12 @@ def build_dali_streams(settings: DataSettings, splits: dict[str, list[Record]], 
         raise DataError("data.backend=dali needs NVIDIA DALI (pip install nvidia-dali-cuda130); "
                           f"or set data.backend=torch ({e})") from None
     device_id = resolve_device_id(settings, device)
-    size, threads = settings.image_size, settings.num_workers
-    train_spec = PipelineSpec(size, settings.batch_size, threads, device_id, settings.augment)
+    size, threads = settings.image_size, settings.dali_threads or settings.num_workers
+    node = dict(hw_decoder_load=settings.dali_hw_decoder_load, dont_use_mmap=settings.dali_dont_use_mmap)
+    train_spec = PipelineSpec(size, settings.batch_size, threads, device_id, settings.augment, **node)
     meta_spec = PipelineSpec(size, settings.meta_batch_size, threads, device_id,
-                             settings.augment if settings.meta_augment else None)
-    eval_spec = PipelineSpec(size, settings.eval_batch_size, threads, device_id, None)
+                             settings.augment if settings.meta_augment else None, **node)
+    eval_spec = PipelineSpec(size, settings.eval_batch_size, threads, device_id, None, **node)
 
     sharding = settings.dali_sharding
     if sharding not in DALI_SHARDING:  # config validation refuses other values already

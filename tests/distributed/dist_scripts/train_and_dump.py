@@ -26,6 +26,7 @@ def main() -> int:
 
     from launch.errors import setup_logging
     from trainer.config import load_config
+    from trainer.engine.accel import bare_model
     from trainer.engine.trainer import Trainer
 
     setup_logging()
@@ -33,7 +34,7 @@ def main() -> int:
     trainer = Trainer(cfg, resume=args.resume, quiet=True)
     rw = trainer.reweighter
     phi_start = copy.deepcopy(rw.meta_net.state_dict()) if rw is not None else None
-    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    unwrapped = bare_model(trainer.accelerator, trainer.model)
     model_start = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}  # after a resume: the loaded θ
     metrics = trainer.fit()
     dump = {
