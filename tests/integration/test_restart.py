@@ -37,11 +37,12 @@ def test_a_path_typo_does_not_block_the_corrected_rerun(synth_dir, tmp_path):
 
 @pytest.mark.slow
 def test_the_rerun_after_a_failed_start_makes_its_own_split(synth_dir, tmp_path):
-    # fails after splits.csv is written (the model is built after the split)
-    first = tiny_overrides(synth_dir, tmp_path, "resplit", "train.max_steps=1", "train.seed=0",
-                           f"model.pretrained={tmp_path / 'missing.pth'}")
-    proc = _train(*first, check=False)
-    assert proc.returncode == 2 and (tmp_path / "resplit" / "splits.csv").is_file()
+    # dies after splits.csv is written and before the first checkpoint (a crash, a typo found at step 1, ...)
+    first = tiny_overrides(synth_dir, tmp_path, "resplit", "train.max_steps=1", "train.seed=0")
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *first, env={"METALOSS_TEST_FAULT": "kill_after_step:1"},
+                   check=False)
+    assert proc.returncode == -9 and (tmp_path / "resplit" / "splits.csv").is_file()
+    assert not (tmp_path / "resplit" / "checkpoints").exists()
     seed0 = _split_ids(tmp_path / "resplit")
     second = tiny_overrides(synth_dir, tmp_path, "resplit", "train.max_steps=1", "train.seed=1")
     _train(*second, "--quiet")  # no --resume, no --overwrite
