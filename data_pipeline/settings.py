@@ -29,6 +29,8 @@ class DataSettings:
     skip_bad: bool = False
     synthetic_samples: int = 256
     split_fractions: tuple[float, ...] = (0.70, 0.15, 0.15)
+    split_seed: int = 0           # resolved: data.split_seed, or train.seed when that is null
+    train_fraction: float = 1.0   # stratified subsample of the train split (nested across fractions)
     # how the streams read it
     image_size: int = 224
     batch_size: int = 32
@@ -53,6 +55,8 @@ class DataSettings:
             root=data.root, format=data.format, backend=data.backend, num_classes=int(cfg.model.num_classes),
             path_col=data.path_col, label_col=data.label_col, skip_bad=bool(data.skip_bad),
             synthetic_samples=int(data.synthetic_samples), split_fractions=tuple(data.split_fractions),
+            split_seed=int(train.seed if data.split_seed is None else data.split_seed),
+            train_fraction=float(data.train_fraction),
             image_size=int(data.image_size), batch_size=int(train.batch_size),
             eval_batch_size=int(train.eval_batch_size),
             meta_batch_size=int(cfg.meta.meta_batch_size) or int(train.batch_size),

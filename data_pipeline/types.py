@@ -13,9 +13,10 @@ Contract shared by every backend (``torch``, ``dali``, ``synthetic``) -- the tra
   DALI's seeded order, not the interrupted run's.
 * ``streams.meta``: an endless iterator (``next(streams.meta)``) over this rank's shard of the meta split, with its
   own seed; it re-shuffles after each pass and never raises StopIteration. ``state_dict()/load_state_dict()``.
-* ``streams.eval[split]`` for split in ("meta", "test"): finite, unaugmented, yields :class:`Batch` whose ``ids``
-  index the split; every batch is exactly ``train.eval_batch_size`` long (``pad_to_batches``) so a compiled model
-  sees one eval shape and never recompiles for a last partial batch. Padding samples (added so every rank runs the
+* ``streams.eval[split]`` for split in ("meta", "test"; also "select" when the split has one): finite,
+  unaugmented, yields :class:`Batch` whose ``ids`` index the split; every batch is exactly
+  ``train.eval_batch_size`` long (``pad_to_batches``) so a compiled model sees one eval shape and never recompiles
+  for a last partial batch. Padding samples (added so every rank runs the
   same number of full batches) carry id -1 and the trainer drops them after gathering, so every image is counted
   exactly once across ranks.
 

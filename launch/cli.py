@@ -60,6 +60,15 @@ def _bench(args, *, debug=False):
     run_bench(args)
 
 
+@user_errors_exit
+def _study(args, *, debug=False):
+    from launch.study.command import run_study
+
+    code = run_study(args, debug=debug)
+    if code:
+        sys.exit(code)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="metaloss", description="Meta-learned loss reweighting for imbalanced images")
     sub = p.add_subparsers(dest="command", required=True)
@@ -98,6 +107,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("what", choices=["meta", "data", "train"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the chosen benchmark")
     s.set_defaults(fn=_bench)
+
+    from launch.evaluate import add_eval_args, run_eval
+
+    s = sub.add_parser("eval", help="evaluate a trained run/checkpoint on any data set (metrics, predictions)")
+    add_eval_args(s)
+    s.set_defaults(fn=run_eval)
+
+    from launch.predict import add_predict_args, run_predict
+
+    s = sub.add_parser("predict", help="grade new images (grade, per-grade probabilities, referable flag)")
+    add_predict_args(s)
+    s.set_defaults(fn=run_predict)
+
+    from launch.study.command import add_study_args
+
+    s = sub.add_parser("study", help="a grid of runs (config keys, train fractions, world sizes, seeds) + report")
+    add_study_args(s)
+    s.set_defaults(fn=_study)
 
     for sp in sub.choices.values():
         if not any(a.dest == "quiet" for a in sp._actions):

@@ -27,6 +27,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="resume even though guarded config keys changed")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="full tracebacks")
+    p.add_argument("--control-of", default=None, metavar="META_RUN_DIR",
+                   help="train the CE control of a finished meta run: its settings with train.loss=ce and optim.lr "
+                        "scaled by its mean meta weight (CONFIG: usually META_RUN_DIR/config.yaml)")
 
 
 @user_errors_exit
@@ -35,7 +38,14 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     from trainer.engine.trainer import Trainer
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        control_of = getattr(args, "control_of", None)
+        if control_of:
+            from trainer.comparison.control import check_control_matches, control_overrides, write_control_record
+
+            cfg = load_config(args.config, control_overrides(control_of) + list(args.overrides))
+            check_control_matches(cfg, control_of)
+        else:
+            cfg = load_config(args.config, args.overrides)
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)
     except Exception as e:
         # every rank parses the same command line and reads the same config, run dir and data (rank 0 reads, then
@@ -43,6 +53,8 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
         if not hasattr(e, "same_on_every_rank"):
             e.same_on_every_rank = True
         raise
+    if control_of and trainer.accelerator.is_main_process:
+        write_control_record(trainer.run_dir, control_of, cfg)
     metrics = trainer.fit()
     if trainer.accelerator.is_main_process:
         if metrics.get("preempted"):

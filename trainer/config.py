@@ -39,7 +39,15 @@ class DataConfig:
     # auto | dali | torch | synthetic ; auto = dali for a prepared dir when nvidia.dali imports, else torch
     backend: str = "auto"
     image_size: int = 224
+    # train, meta, test -- or train, meta, select, test: `select` is scored at the final epoch and no method trains
+    # on it (settings are chosen by it in a study; choosing on meta would be in-sample for meta-reweighting)
     split_fractions: list[float] = field(default_factory=lambda: [0.70, 0.15, 0.15])
+    # fixed losses (every train.loss but meta) train on train ∪ meta, so they see the labels meta-reweighting sees
+    baselines_use_meta_split: bool = False
+    # seed of the train/meta/test split; null = train.seed. A study fixes it so every seed is tested on the same images
+    split_seed: Optional[int] = None
+    # stratified subsample of the train split only (meta and test unchanged); smaller fractions nest in larger ones
+    train_fraction: float = 1.0
     num_workers: int = 2
     # generic CSV layout
     path_col: str = "path"
@@ -159,6 +167,9 @@ class EvalConfig:
     # evaluate the meta split every N epochs (and always after the last one); on many GPUs an epoch can be a few
     # steps long, and each evaluation decodes the whole meta split
     every_epochs: int = 1
+    # referable DR = grade >= referable_from (2 = moderate or worse, the usual clinical definition); null, or a value
+    # outside 1..num_classes-1, = no referable metrics (labels that are not an ordered grade scale)
+    referable_from: Optional[int] = 2
 
 
 @dataclass
@@ -279,14 +290,17 @@ def _validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"config key '{dotted}': {value!r} is not one of {', '.join(allowed)}")
     fr = cfg.data.split_fractions
-    if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ConfigError(f"config key 'data.split_fractions': need 3 positive fractions summing to 1, got {fr}")
+    if len(fr) not in (3, 4) or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+        raise ConfigError(f"config key 'data.split_fractions': need 3 (train, meta, test) or 4 (train, meta, "
+                          f"select, test) positive fractions summing to 1, got {fr}")
     for dotted in ("train.batch_size", "train.eval_batch_size", "data.image_size", "model.num_classes",
                    "meta.every", "logging.every_steps", "checkpoint.keep_last", "train.max_bad_steps",
                    "eval.every_epochs", "checkpoint.every_epochs"):
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")
+    if not 0.0 < cfg.data.train_fraction <= 1.0:
+        raise ConfigError(f"config key 'data.train_fraction': must be in (0, 1], got {cfg.data.train_fraction}")
     if not 0.0 <= cfg.data.dali_hw_decoder_load <= 1.0:
         raise ConfigError("config key 'data.dali_hw_decoder_load': must be in [0, 1], got "
                           f"{cfg.data.dali_hw_decoder_load}")

@@ -11,6 +11,7 @@ import torch
 
 from data_pipeline.records import Record
 from data_pipeline.settings import DataSettings
+from data_pipeline.splits import EVAL_SPLITS
 from data_pipeline.sharding import StreamPosition, meta_batch_size, pad_to_batches, shard_indices
 from data_pipeline.types import Batch, EndlessStream, Streams
 
@@ -69,6 +70,10 @@ class SyntheticEvalStream:
                                                 device=self.shard.idx.device))
 
 
+# meta and test keep the offsets they had before the select split existed (same pixels as before)
+_EVAL_SEED_OFFSET = {"meta": 7, "test": 8, "select": 9}
+
+
 def build_synthetic_streams(settings: DataSettings, splits: dict[str, list[Record]], rank: int, world: int,
                             device=None) -> Streams:
     device = device or torch.device("cpu")
@@ -77,6 +82,7 @@ def build_synthetic_streams(settings: DataSettings, splits: dict[str, list[Recor
         train=SyntheticTrainStream(splits["train"], size, settings.batch_size, seed, rank, world, device),
         meta=EndlessStream(SyntheticTrainStream(meta, size, meta_batch_size(len(meta), world, settings.meta_batch_size),
                                                 settings.meta_seed, rank, world, device)),
-        eval={s: SyntheticEvalStream(splits[s], size, settings.eval_batch_size, seed + 7 + i, rank, world, device)
-              for i, s in enumerate(("meta", "test"))},
+        eval={s: SyntheticEvalStream(splits[s], size, settings.eval_batch_size, seed + _EVAL_SEED_OFFSET[s], rank,
+                                     world, device)
+              for s in EVAL_SPLITS if s in splits},
     )

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_pipeline.image_ops import ImageError, load_rgb as decode_rgb8
 from data_pipeline.records import DataError, Record
 from data_pipeline.settings import DataSettings
+from data_pipeline.splits import EVAL_SPLITS
 from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size, pad_to_batches
 from data_pipeline.types import Batch, EndlessStream, Streams
 from data_pipeline.backends.transforms import eval_transform, train_transform
@@ -203,5 +204,5 @@ def build_torch_streams(settings: DataSettings, splits: dict[str, list[Record]],
         train=TorchTrainStream(splits["train"], settings, rank, world, settings.seed,
                                batch_size=settings.batch_size),
         meta=EndlessStream(meta_stream),
-        eval={s: TorchEvalStream(splits[s], settings, rank, world) for s in ("meta", "test")},
+        eval={s: TorchEvalStream(splits[s], settings, rank, world) for s in EVAL_SPLITS if s in splits},
     )

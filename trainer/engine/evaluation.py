@@ -7,6 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from trainer.clinical_metrics import clinical_metrics
 from trainer.metrics import compute_metrics
 
 
@@ -66,9 +67,12 @@ def predict(model, stream, accelerator, num_classes: int, *, input_dtype=None, p
     return Predictions(ids=ids_np[uniq], labels=labels_t.cpu().numpy()[keep][order][uniq], probs=probs)
 
 
-def evaluate(model, stream, accelerator, num_classes: int, **kwargs) -> tuple[dict, Predictions]:
+def evaluate(model, stream, accelerator, num_classes: int, *, referable_from: int | None = None,
+             **kwargs) -> tuple[dict, Predictions]:
     pred = predict(model, stream, accelerator, num_classes, **kwargs)
     metrics = compute_metrics(pred.labels, pred.preds, num_classes)
+    if len(pred.labels):
+        metrics.update(clinical_metrics(pred.labels, pred.probs, num_classes, referable_from))
     if len(pred.labels):
         nll = F.nll_loss(torch.log(torch.from_numpy(pred.probs).clamp_min(1e-12)),
                          torch.from_numpy(pred.labels))

@@ -12,7 +12,7 @@ from pathlib import Path
 from data_pipeline.dataset import load_records
 from data_pipeline.records import DataError, Record
 from data_pipeline.settings import DataSettings
-from data_pipeline.splits import load_or_make_splits
+from data_pipeline.splits import load_or_make_splits, with_meta_in_train
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
 from trainer.engine.checkpoint import list_checkpoints
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 # Keys that change what is trained on or what is being trained: a resume that changes them is refused (--force
 # applies them; the optimiser's through trainer.components.optim.apply_optim_config).
-RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.image_size", "model.", "meta.", "optim.",
+RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.split_seed", "data.train_fraction",
+                  "data.image_size", "data.baselines_use_meta_split", "model.", "meta.", "optim.",
                   "train.loss", "train.seed", "train.batch_size")
 
 
@@ -38,12 +39,28 @@ def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
     if not saved_path.is_file():
         return
     saved = yaml.safe_load(saved_path.read_text()) or {}
+    # a key added after the run was saved is absent there: it trained with that key's default, which is no change
+    defaults = config_to_dict(Config())
     changed = [d for d in diff_configs(saved, config_to_dict(cfg))
+               if not (_absent(saved, d[0]) and d[2] == _lookup(defaults, d[0]))]
+    changed = [d for d in changed
                if any(d[0] == g or (g.endswith(".") and d[0].startswith(g)) for g in RESUME_GUARDED)]
     if changed and not force:
         lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise RunDirError(f"refusing to resume {run_dir}: the config changes what is trained:\n{lines}\n"
                           "(pass --force to resume anyway, or start a new run.name)")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _absent(tree: dict, dotted: str) -> bool:
+    *parents, leaf = dotted.split(".")
+    node = _lookup(tree, ".".join(parents)) if parents else tree
+    return not isinstance(node, dict) or leaf not in node
 
 
 def is_failed_start(run_dir: Path) -> bool:
@@ -102,6 +119,14 @@ def on_main_then_share(accelerator, fn):
 def load_splits(data: DataSettings, run_dir: Path, accelerator) -> dict[str, list[Record]]:
     """The run's split tables: read the data set (data_pipeline) on the main process, splits.csv in the run dir."""
     def make():
-        return load_or_make_splits(run_dir, load_records(data), list(data.split_fractions), data.seed,
-                                   data.num_classes)
+        return load_or_make_splits(run_dir, load_records(data), list(data.split_fractions), data.split_seed,
+                                   data.num_classes, train_fraction=data.train_fraction)
     return on_main_then_share(accelerator, make)
+
+
+def stream_tables(cfg: Config, splits: dict[str, list[Record]]) -> dict[str, list[Record]]:
+    """The tables the streams are built over: the split itself, or train ∪ meta as the train table for a fixed loss
+    under data.baselines_use_meta_split (meta-reweighting needs the meta split for φ, so it ignores the switch)."""
+    if cfg.data.baselines_use_meta_split and cfg.train.loss != "meta":
+        return with_meta_in_train(splits)
+    return splits

@@ -24,12 +24,14 @@ from trainer.engine.accel import (StopAgreement, bare_model, broadcast_buffers, 
                                   match_buffer_dtypes, run_environment)
 from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, clear_preempted, load_latest,
                                       mark_preempted, resolve_resume, save_checkpoint, written_by_ranks)
+from trainer.clinical_metrics import bootstrap_clinical
 from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
 from trainer.components.models import build_model, check_model_config, to_memory_format
 from trainer.components.optim import apply_optim_config, build_optimizer, build_scheduler
-from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits
+from trainer.engine.provenance import write_preprocessing
+from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits, stream_tables
 from trainer.observability.run_logging import RunLogger
 from trainer.engine.steps import StepRunner
 from common.errors import UserError
@@ -66,7 +68,10 @@ class Trainer:
             environment=run_environment(cfg, acc)))
         data = DataSettings.from_config(cfg)  # all the data layer reads of the config
         self.splits = load_splits(data, self.run_dir, acc)
-        self.streams = build_streams(data, self.splits, acc.process_index, acc.num_processes, device=acc.device)
+        if acc.is_main_process:
+            write_preprocessing(cfg, self.run_dir)  # so `metaloss predict` can repeat it on raw images
+        self.streams = build_streams(data, stream_tables(cfg, self.splits), acc.process_index, acc.num_processes,
+                                     device=acc.device)
         k = cfg.model.num_classes
         self.class_names = class_names(k)
 
@@ -259,7 +264,7 @@ class Trainer:
         self.logger.restart_clock()
 
     def evaluate(self, split: str = "test") -> tuple[dict, Predictions]:
-        """Metrics and gathered predictions of the current weights on ``split`` ("meta" or "test"), every rank."""
+        """Metrics and gathered predictions of the current weights on ``split`` ("meta", "select" or "test")."""
         if split not in self.streams.eval:
             raise ValueError(f"evaluate: unknown split {split!r} (have {', '.join(self.streams.eval)})")
         return self._evaluate(split)
@@ -274,7 +279,7 @@ class Trainer:
         stream = self.streams.eval[split]
         with self.logger.progress(f"eval {split}", len(stream)) as bar:
             return evaluate(self.model, stream, self.accelerator, self.cfg.model.num_classes,
-                            input_dtype=self.input_dtype, progress=bar)
+                            input_dtype=self.input_dtype, progress=bar, referable_from=self.cfg.eval.referable_from)
 
     def _checkpoint(self) -> None:
         # drain the logs first: the step history in the checkpoint must cover exactly the steps it contains
@@ -324,7 +329,12 @@ class Trainer:
         st = self.state
         self._flush_logs()
         test, pred = self._evaluate("test")
-        metrics = self.logger.finish(st, test, pred, self.splits["test"])
+        if len(pred.labels) and self.accelerator.is_main_process:  # intervals for the headline clinical numbers: once, on the final test evaluation
+            test["ci95"] = bootstrap_clinical(pred.labels, pred.probs, self.cfg.model.num_classes,
+                                              self.cfg.eval.referable_from)
+        # the select split (4-way data.split_fractions): what a study chooses settings by, never the test split
+        select = self._evaluate("select")[0] if "select" in self.streams.eval else None
+        metrics = self.logger.finish(st, test, pred, self.splits["test"], select=select)
         if self.cfg.checkpoint.enabled and self._last_checkpoint_step != st.step:
             self._checkpoint()
         return metrics

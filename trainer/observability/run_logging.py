@@ -236,7 +236,7 @@ class RunLogger:
                      state.step, record["train_loss"] or float("nan"), val["accuracy"], val["macro_f1"], val["qwk"])
         return record
 
-    def finish(self, state, test: dict, pred, test_records) -> dict:
+    def finish(self, state, test: dict, pred, test_records, *, select: dict | None = None) -> dict:
         img_s = state.images_seen / max(state.train_seconds, 1e-9)
         metrics = {
             "run": self.cfg.run.name, "num_classes": self.cfg.model.num_classes, "class_names": self.class_names,
@@ -244,6 +244,12 @@ class RunLogger:
             "train_img_per_s": img_s, "steps": state.step, "wall_s": state.train_seconds,
             "bad_steps": state.bad_steps, **self.environment,
         }
+        w_means = [r["w_mean"] for r in state.step_history if r.get("w_mean") is not None and np.isfinite(r["w_mean"])]
+        if w_means:  # what a CE control scales its learning rate by (`metaloss train --control-of`)
+            metrics["meta_weight_mean"] = float(np.mean(w_means))
+        if select is not None:
+            metrics["select"] = select
+            self.tb.eval_metrics("select", select, state.step)
         self.tb.eval_metrics("test", test, state.step)
         if self.is_main:
             atomic_write_text(self.run_dir / "metrics.json", json.dumps(metrics, indent=2))

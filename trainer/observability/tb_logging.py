@@ -20,7 +20,9 @@ Histograms (``TBLogger.histogram``)
 
 Evaluation (``TBLogger.eval_metrics``, split = "val" or "test")
     {split}/accuracy, {split}/macro_f1, {split}/weighted_f1, {split}/qwk, {split}/loss (when present),
-    {split}/recall/<class name>, {split}/f1/<class name>, and the image {split}/confusion (rows = truth)
+    {split}/recall/<class name>, {split}/f1/<class name>, and the image {split}/confusion (rows = truth);
+    clinical (trainer/clinical_metrics.py): {split}/referable/{sensitivity,specificity,auc,sens_at_spec90,
+    sens_at_spec95}, {split}/auc/<class name>, {split}/auc_macro, {split}/ece
 
 Images / text: ``train/images`` (a de-normalised grid of a training batch), ``config`` (resolved YAML).
 
@@ -38,6 +40,7 @@ import torch
 
 from common.normalization import IMAGENET_MEAN, IMAGENET_STD
 
+from trainer.clinical_metrics import tensorboard_scalars as clinical_scalars
 from trainer.reporting.figures import confusion_image
 
 _MAX_GRID_IMAGES = 32
@@ -97,6 +100,7 @@ class TBLogger:
                 raise ValueError(f"eval_metrics({split!r}): {key} has {len(per_class)} values for "
                                  f"{len(self.class_names)} classes {self.class_names}")
             values.update({f"{split}/{short}/{name}": v for name, v in zip(self.class_names, per_class)})
+        values.update(clinical_scalars(split, metrics, self.class_names))
         self.scalars(step, values)
         image = confusion_image(metrics["confusion"], self.class_names, title=f"{split} confusion (rows = truth)")
         self._writer.add_image(f"{split}/confusion", image, int(step), dataformats="HWC")

@@ -20,7 +20,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from trainer.comparison.control import read_control_record
 from trainer.reporting import figures
+from trainer.reporting.clinical_report import clinical_table_markdown
 from trainer.metrics import confusion_matrix, metrics_from_confusion
 from common.errors import UserError
 
@@ -367,6 +369,12 @@ def _run_summary(r: RunResult) -> str:
                      ("bad_steps", "{} bad steps")):
         if m.get(key) is not None:
             parts.append(fmt.format(m[key]))
+    if m.get("meta_weight_mean") is not None:
+        parts.append(f"mean meta weight {m['meta_weight_mean']:.4f}")
+    control = read_control_record(r.run_dir)
+    if control is not None:
+        parts.append(f"CE control of `{control['control_of']}` (lr {control['lr']:.3g} = its lr × "
+                     f"{control['meta_weight_mean']:.4f})")
     return f"- **{r.label}** (`{r.run_dir}`): " + ", ".join(parts)
 
 
@@ -385,7 +393,9 @@ def write_report(run_dirs: list[Path], out: Path | None = None, *, n_boot: int =
     lines += ["## Table I — test metrics", "", table_one_markdown(runs), "",
               "## Table II — per-class test recall", "", table_two_markdown(runs), "",
               f"## 95% bootstrap confidence intervals (percentile, {n_boot} resamples of the test predictions, "
-              f"seed {seed})", "", ci_table_markdown(runs, n_boot=n_boot, seed=seed), "", "## Figures", ""]
+              f"seed {seed})", "", ci_table_markdown(runs, n_boot=n_boot, seed=seed), "",
+              "## Clinical metrics (referable DR = grade >= threshold; 95% bootstrap intervals)", "",
+              clinical_table_markdown(runs, n_boot=n_boot, seed=seed, table=_table), "", "## Figures", ""]
     for title, path, notes in figures.draw_report_figures(runs, fig_dir):
         lines.append(f"### {title}")
         lines.append("")

@@ -52,6 +52,7 @@ from data_pipeline.backends.registry import DALI_SHARDING
 from data_pipeline.backends.dali.pipelines import ListRun, PipelineSpec, ReaderRun, derive_seed, shard_sizes
 from data_pipeline.records import DataError, Record
 from data_pipeline.settings import DataSettings
+from data_pipeline.splits import EVAL_SPLITS
 from data_pipeline.sharding import StreamPosition, epoch_order, meta_batch_size, pad_to_batches, shard_indices
 from data_pipeline.types import Batch, Streams
 
@@ -344,5 +345,5 @@ def build_dali_streams(settings: DataSettings, splits: dict[str, list[Record]], 
     return Streams(
         train=train_cls(splits["train"], train_spec, rank, world, settings.seed),
         meta=meta_cls(splits["meta"], meta_spec, rank, world, settings.meta_seed),
-        eval={s: DaliEvalStream(splits[s], eval_spec, rank, world, s) for s in ("meta", "test")},
+        eval={s: DaliEvalStream(splits[s], eval_spec, rank, world, s) for s in EVAL_SPLITS if s in splits},
     )
