@@ -1,11 +1,15 @@
-"""`metaloss bench {meta,data,train} [args]`: throughput benchmarks. Numbers go to docs/PERFORMANCE.md with the
-command and the machine; no test asserts on wall-clock time.
+"""`metaloss bench {meta,meta-precision,data,train} [args]`: throughput benchmarks. Numbers go to docs/PERFORMANCE.md
+with the command and the machine; no test asserts on wall-clock time.
 
-- meta:  step time of the meta-step modes vs a plain step (launch/bench_meta.py)
+- meta:  the trainer's StepRunner per meta mode vs a plain step, peak memory per mode (launch/bench_meta.py)
+- meta-precision: cosine of the meta-gradient to fp32 per mode under bf16/fp16 (launch/bench_meta_precision.py)
 - data:  prepare img/s and DALI vs torch loader img/s (launch/bench_data.py)
 - train: end-to-end Trainer img/s for a config, on the synthetic backend (no I/O) unless the overrides pick a data
          set; train.max_steps ends the run and the steady-state rate leaves out the first --warmup-steps, e.g.
          metaloss bench train configs/aptos_meta.yaml train.max_steps=100 --warmup-steps 40
+         with meta.every=k use logging.every_steps and --warmup-steps that are multiples of k (whole cycles);
+         cpu_s = process CPU time of fit (the stable figure on a shared CPU); peak: CUDA max allocated, else this
+         process's peak RSS (one config per process).
 """
 from __future__ import annotations
 
@@ -51,9 +55,9 @@ def bench_train(argv: list[str], on_trainer=None) -> dict:
         trainer = Trainer(cfg, quiet=True)
         if on_trainer is not None:
             on_trainer(trainer)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         metrics = trainer.fit()
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     intervals = trainer.logger.intervals
     steady = steady_rate(intervals, args.warmup_steps)
     out = {"config": args.config, "overrides": args.overrides, "steps": metrics["steps"],
@@ -65,12 +69,19 @@ def bench_train(argv: list[str], on_trainer=None) -> dict:
                                              if iv["step"] - iv["steps"] >= args.warmup_steps]),
            "intervals": [{k: round(v, 4) if isinstance(v, float) else v for k, v in iv.items()} for iv in intervals],
            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-           "wall_s": round(wall, 1), "machine": _machine()}
+           "peak_rss_mib": None if torch.cuda.is_available() else round(_peak_rss_mib()),
+           "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "machine": _machine()}
     print(json.dumps({k: v for k, v in out.items() if k != "intervals"}, indent=2))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+def _peak_rss_mib() -> float:
+    from launch.peak_memory import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def _median(values: list[float]) -> float | None:
@@ -80,6 +91,8 @@ def _median(values: list[float]) -> float | None:
 def run_bench(args) -> None:
     if args.what == "meta":
         from launch.bench_meta import main
+    elif args.what == "meta-precision":
+        from launch.bench_meta_precision import main
     elif args.what == "data":
         from launch.bench_data import main
     else:

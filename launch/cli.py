@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_report)
 
     s = sub.add_parser("bench", help="throughput benchmarks (meta step modes, data backends)")
-    s.add_argument("what", choices=["meta", "data", "train"])
+    s.add_argument("what", choices=["meta", "meta-precision", "data", "train"])
     s.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the chosen benchmark")
     s.set_defaults(fn=_bench)
 

@@ -17,7 +17,7 @@ import yaml
 from data_pipeline.backends.registry import BACKENDS, DALI_SHARDING
 from data_pipeline.readers.registry import FORMATS
 from trainer.components.loss_registry import LOSSES
-from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS
+from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS, lagged_real_step_needs
 from common.errors import UserError
 
 
@@ -122,6 +122,14 @@ class MetaConfig:
     lookahead_lr: float = 0.0
     # run the meta step every N real steps
     every: int = 1
+    # exact/head reuse the real step's forward of the train batch; false = own forward (lower peak memory)
+    share_forward: bool = True
+    # exact: tangents through the shared forward's saved activations instead of a dual forward (meta/tangents.py)
+    reuse_activations: bool = True
+    # same | fp32: look-ahead at train.precision (autocast) or in fp32 (own forward); docs/PERFORMANCE.md
+    precision: str = "same"
+    # updated (paper: weights of the just-updated φ) | lagged (reuse the virtual gradient: φ one update behind)
+    real_step: str = "updated"
     # sample granularity: append the one-hot class to the per-sample loss feature
     sample_one_hot: bool = False
     meta_batch_size: int = 0  # 0 = train.batch_size
@@ -218,6 +226,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "meta.lookahead": tuple(LOOKAHEADS),
     "meta.lookahead_optimizer": LOOKAHEAD_OPTIMIZERS,
     "meta.directional": DIRECTIONAL,
+    "meta.precision": ("same", "fp32"),
+    "meta.real_step": ("updated", "lagged"),
     "loss.cb_base": ("ce", "focal"),
     "train.loss": tuple(LOSSES),
     "train.precision": ("fp32", "bf16", "fp16"),
@@ -299,6 +309,9 @@ def _validate(cfg: Config) -> None:
         section, key = dotted.split(".")
         if getattr(getattr(cfg, section), key) < 1:
             raise ConfigError(f"config key '{dotted}': must be >= 1")
+    lagged_needs = lagged_real_step_needs(cfg) if cfg.train.loss == "meta" else []
+    if lagged_needs:
+        raise ConfigError(f"config key 'meta.real_step': lagged needs {', '.join(lagged_needs)}")
     if not 0.0 < cfg.data.train_fraction <= 1.0:
         raise ConfigError(f"config key 'data.train_fraction': must be in (0, 1], got {cfg.data.train_fraction}")
     if not 0.0 <= cfg.data.dali_hw_decoder_load <= 1.0:

@@ -90,3 +90,31 @@ def test_weights_stay_fp32_inside_autocast(problem):
     ref = rw.weights(losses.detach(), y)
     assert w.dtype == torch.float32
     assert torch.equal(w, ref)
+
+
+def test_fd_directional_under_bf16_runs_in_true_fp32():
+    """meta.directional=fd under bf16 autocast: the two difference forwards run in fp32 (autocast off), so the
+    directional derivatives match fp32 forward mode along the same v; the same difference taken in bf16 is noise."""
+    import torchvision
+
+    from trainer.meta.exact import directional_fd, directional_forward_ad
+    from trainer.meta.lookahead import forward_with, frozen_batchnorm, per_sample_ce, trainable_params
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=K).train()
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, K, (8,))
+    names, params = trainable_params(model)
+    gen = torch.Generator().manual_seed(1)
+    v = [1e-3 * torch.randn(p.shape, generator=gen) for p in params]
+    with frozen_batchnorm(model):
+        reference = directional_forward_ad(model, names, params, v, x, y)  # fp32, exact
+        with _bf16():  # as if the caller's autocast were still active
+            fd = directional_fd(model, names, params, v, x, y, fd_eps=1e-3)
+            norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in v]))
+            plus = [p.detach() + 1e-3 * t / norm for p, t in zip(params, v)]
+            minus = [p.detach() - 1e-3 * t / norm for p, t in zip(params, v)]
+            in_bf16 = (per_sample_ce(forward_with(model, names, plus, x, _bf16), y)
+                       - per_sample_ce(forward_with(model, names, minus, x, _bf16), y)) * (norm / 2e-3)
+    assert fd.dtype == torch.float32
+    assert _cos(fd, reference) >= 0.99
+    assert _cos(in_bf16, reference) < 0.9  # what fd returned before: rounding noise

@@ -62,6 +62,10 @@ def check_distributed_config(cfg: Config) -> None:
         raise ConfigError("meta.lookahead_optimizer: adam is not available under DeepSpeed (ZeRO partitions the "
                           "Adam state across ranks, so no rank holds the preconditioner); use sgd or "
                           "train.distributed=ddp")
+    if cfg.train.loss == "meta" and cfg.meta.precision == "fp32" and cfg.train.precision != "fp32":
+        raise ConfigError("meta.precision: fp32 is not available with train.distributed=deepspeed and "
+                          f"train.precision={cfg.train.precision} (DeepSpeed holds low-precision parameters); use "
+                          "meta.precision=same or train.distributed=ddp")
     if cfg.train.loss == "meta" and cfg.train.precision == "fp16":
         # DeepSpeed keeps its own loss scale inside the engine; the virtual step needs a GradScaler to borrow
         raise ConfigError("train.precision: fp16 with train.distributed=deepspeed and train.loss=meta is not "

@@ -1,9 +1,10 @@
 """``head`` look-ahead: the virtual step moves only the final linear layer (``fc`` below: the layer
 ``classifier_layer`` finds -- ResNet's ``fc``, EfficientNet's ``classifier[-1]``, ViT's ``heads.head``, ...).
 
-The fc inputs h (train batch) and h_m (meta batch) are taken, detached, by a forward pre-hook on ``model.fc``
-during two no-grad forwards of the network. Everything after that involves the tiny head only, so it runs in
-(at least) fp32 whatever the network's precision, and uses the same first-order algorithm as ``exact.py`` with
+The fc inputs h (train batch) and h_m (meta batch) are taken, detached, by a forward pre-hook on the final linear
+layer: h from the real step's own forward when the forward is shared (``train_features``; the step then costs one
+extra no-grad forward of the meta batch), else both from no-grad forwards of the network. Everything after that
+involves the tiny head only, so it runs in (at least) fp32 whatever the network's precision, and uses the same first-order algorithm as ``exact.py`` with
 θ = (W, b):
 
     ℓ_i = CE(W h_i + b, y_i),   g = ∇_(W,b) L_w,   (W', b') = (W, b) − α P g,
@@ -58,12 +59,14 @@ def _head_losses(h: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: O
 def head_meta_gradient(module: nn.Module, train_batch, meta_batch, lr, weighting: Weighting, *,
                        detach_features: bool, lookahead_optimizer: str = "sgd", optimizer=None,
                        autocast: AutocastFactory = None, scale: Optional[VirtualLossScale] = None,
+                       train_features: Optional[torch.Tensor] = None,
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(∇φ L_meta for a look-ahead over fc only, L_meta). ``scale`` is unused: the head runs in >= fp32."""
+    """(∇φ L_meta for a look-ahead over fc only, L_meta). ``scale`` is unused: the head runs in >= fp32.
+    ``train_features``: the train batch's fc input captured in the real step's forward (shared forward)."""
     x, y = train_batch
     xm, ym = meta_batch
     fc = classifier_layer(module)
-    h = head_features(module, x, autocast)
+    h = head_features(module, x, autocast) if train_features is None else train_features.detach()
     h_meta = head_features(module, xm, autocast)
     real = [p for p in (fc.weight, fc.bias) if p is not None and p.requires_grad]
     if not real:

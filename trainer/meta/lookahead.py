@@ -3,7 +3,9 @@
 Conventions used by ``second_order.py``, ``exact.py`` and ``head.py``:
 
 * the virtual step runs on the *unwrapped* module (DDP / DeepSpeed / torch.compile wrappers removed): it uses the
-  rank-local gradient, and a backward through a DDP wrapper would start gradient all-reduces;
+  rank-local gradient, and a backward through a DDP wrapper would start gradient all-reduces. (With the shared
+  forward, steps.py, the train batch's graph comes from the wrapper's forward; ``autograd.grad`` runs no reducer
+  hook, so that gradient is rank-local too);
 * the model is used in whatever mode the caller left it (the trainer calls in train mode, so BatchNorm uses batch
   statistics); ``frozen_batchnorm`` stops those virtual forwards from touching running_mean / running_var /
   num_batches_tracked, so the real step later updates them exactly once, as a plain step would;
@@ -54,6 +56,21 @@ def frozen_batchnorm(module: nn.Module) -> Iterator[None]:
     finally:
         for m in switched:
             m.track_running_stats = True
+
+
+@contextlib.contextmanager
+def true_fp32(device: torch.device) -> Iterator[None]:
+    """Autocast off and (CUDA) TF32 off inside: for passes whose result is a small difference of large values."""
+    cuda = device.type == "cuda"
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) if cuda else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type=device.type, enabled=False):
+            yield
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def trainable_params(module: nn.Module, names: Optional[Sequence[str]] = None) -> tuple[list[str], list[torch.Tensor]]:
@@ -165,11 +182,14 @@ class VirtualLossScale:
             self.inv_scale = self.scale.double().reciprocal().float().reshape(1)
             self.found_inf = torch.zeros(1, device=device, dtype=torch.float32)
 
-    def grad(self, loss: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """d loss / d inputs (zeros for unused inputs), unscaled and checked when scaling is on."""
+    def grad(self, loss: torch.Tensor, inputs: Sequence[torch.Tensor], retain_graph: bool = False
+             ) -> list[torch.Tensor]:
+        """d loss / d inputs (zeros for unused inputs), unscaled and checked when scaling is on.
+        ``retain_graph``: the graph is shared with the real step, which back-propagates through it afterwards."""
         if not self.enabled:
-            return list(torch.autograd.grad(loss, inputs, materialize_grads=True))
-        grads = list(torch.autograd.grad(loss * self.scale, inputs, materialize_grads=True))
+            return list(torch.autograd.grad(loss, inputs, retain_graph=retain_graph, materialize_grads=True))
+        grads = list(torch.autograd.grad(loss * self.scale, inputs, retain_graph=retain_graph,
+                                         materialize_grads=True))
         torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.inv_scale)
         return grads
 

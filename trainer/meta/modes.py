@@ -18,3 +18,17 @@ MODE_KEYS: dict[str, tuple[str, ...]] = {"exact": ("directional", "fd_eps")}
 GRANULARITIES: tuple[str, ...] = ("batch", "class", "sample")
 LOOKAHEAD_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 DIRECTIONAL: tuple[str, ...] = ("forward_ad", "fd")
+
+
+def lagged_real_step_needs(cfg) -> list[str]:
+    """What ``meta.real_step: lagged`` still needs in a full config (empty = fine). It reuses the virtual gradient as
+    the real one: equal only with detached features, and handled without a GradScaler, a DeepSpeed engine, a separate
+    fp32 look-ahead or a compiled model."""
+    if cfg.meta.real_step != "lagged":
+        return []
+    m, t = cfg.meta, cfg.train
+    problems = [(m.lookahead != "exact", "meta.lookahead=exact"), (not m.detach_features, "meta.detach_features=true"),
+                (t.precision == "fp16", "train.precision fp32 or bf16"),
+                (t.distributed == "deepspeed", "train.distributed=ddp"), (m.precision != "same", "meta.precision=same"),
+                (cfg.model.compile, "model.compile=false")]
+    return [need for bad, need in problems if bad]

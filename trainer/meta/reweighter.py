@@ -40,6 +40,9 @@ def _validate(cfg: MetaConfig, num_classes: int) -> None:
         raise ConfigError(f"config key 'meta.hidden': need positive layer sizes, got {cfg.hidden}")
     if cfg.lr <= 0:
         raise ConfigError(f"config key 'meta.lr': must be > 0, got {cfg.lr}")
+    if cfg.real_step == "lagged" and (cfg.lookahead != "exact" or not cfg.detach_features):
+        raise ConfigError("config key 'meta.real_step': lagged needs meta.lookahead=exact and "
+                          "meta.detach_features=true (only then is the virtual gradient the real one)")
     if cfg.fd_eps <= 0:
         raise ConfigError(f"config key 'meta.fd_eps': must be > 0, got {cfg.fd_eps}")
 
@@ -90,9 +93,30 @@ class MetaReweighter:
             self.to(t.device)
 
     # ------------------------------------------------------------------------------------------------ meta step
+    def rescales_mean_gradient(self) -> bool:
+        """``exact``, batch granularity, detached features: every sample has the same weight w and w does not depend
+        on θ, so the real gradient is w_new·∇θ mean(ℓ) -- a rescale of the gradient the look-ahead already took."""
+        return self.cfg.lookahead == "exact" and self.cfg.granularity == "batch" and self.cfg.detach_features
+
+    def shares_forward(self) -> bool:
+        """Whether the meta step can reuse the real step's forward (``meta.share_forward``; ``exact`` and ``head``;
+        ``second_order`` stays on its own forward: it is the independent oracle)."""
+        return self.cfg.share_forward and self.cfg.lookahead in ("exact", "head")
+
     def meta_gradient(self, model: nn.Module, train_batch, meta_batch, lr, *, optimizer=None,
-                      autocast: AutocastFactory = None, grad_scaler=None) -> list[torch.Tensor]:
+                      autocast: AutocastFactory = None, grad_scaler=None,
+                      train_losses: Optional[torch.Tensor] = None, train_features: Optional[torch.Tensor] = None,
+                      virtual_out: Optional[list] = None, mean_grad_out: Optional[list] = None,
+                      saved_activations=None, rng=None) -> list[torch.Tensor]:
         """∇φ L_meta (list aligned with ``meta_net.parameters()``); model params/.grad/BN buffers untouched.
+
+        Shared forward (``shares_forward()``): ``train_losses`` are the per-sample losses of the real step's own
+        forward on ``train_batch`` with their graph (``exact`` takes the virtual gradient from it and leaves it
+        alive for the real backward); ``train_features`` the fc input captured in that forward (``head``).
+        ``virtual_out`` (``exact``): receives the rank-local virtual gradient ∇θ L_w(θ, φ before this update);
+        ``mean_grad_out`` (``exact``, batch granularity, detached features): receives ∇θ mean(ℓ).
+        ``saved_activations`` (``exact``, forward_ad): a ``tangents.ActivationRecorder`` of the shared forward;
+        ``rng`` (``exact``): the ``RngSnapshot`` taken before the shared forward (its dropout draws are replayed).
 
         ``optimizer``: the live θ optimiser (for ``lookahead_optimizer: adam``). ``autocast``: a context-manager
         factory for the network forwards. ``grad_scaler``: fp16 -- the virtual losses are scaled by its current
@@ -109,6 +133,10 @@ class MetaReweighter:
         if mode not in LOOKAHEADS:
             raise ValueError(f"config key 'meta.lookahead': {mode!r} is not one of {', '.join(LOOKAHEADS)}")
         common.update({key: getattr(self.cfg, key) for key in MODE_KEYS.get(mode, ())})
+        # shared-forward inputs (steps.py): only those the caller set, so a mode without them never receives them
+        shared = dict(train_losses=train_losses, train_features=train_features, virtual_out=virtual_out,
+                      mean_grad_out=mean_grad_out, saved=saved_activations, rng=rng)
+        common.update({k: v for k, v in shared.items() if v is not None})
         grads, meta_loss = load(LOOKAHEADS, mode)(module, train_batch, meta_batch, lr, self.weighting, **common)
         self._scaled = scale.enabled
         self.last_skipped = False
