@@ -19,6 +19,7 @@ from data_pipeline.readers.registry import FORMATS
 from trainer.components.loss_registry import LOSSES
 from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS, lagged_real_step_needs
 from common.errors import UserError
+from trainer.config_io import diff_configs, save_config  # noqa: F401 -- re-exported: callers import them from here
 
 
 class ConfigError(UserError, ValueError):
@@ -396,22 +397,3 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Config, path: str | Path, comment: str | None = None) -> None:
-    """``comment``: a header line (how the run was launched) that loading the file ignores."""
-    header = f"# {comment}\n" if comment else ""
-    Path(path).write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def diff_configs(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ between two config dicts (for resume safety)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        dotted = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(diff_configs(a, b, dotted + "."))
-        elif a != b:
-            out.append((dotted, a, b))
-    return out

@@ -22,6 +22,7 @@ import numpy as np
 
 from trainer.comparison.control import read_control_record
 from trainer.reporting import figures
+from trainer.reporting.comparable import same_test_set, test_set_warning  # noqa: F401 -- test_set_warning: CLI
 from trainer.reporting.clinical_report import clinical_table_markdown
 from trainer.metrics import confusion_matrix, metrics_from_confusion
 from common.errors import UserError
@@ -224,20 +225,6 @@ def _as_runs(runs) -> list[RunResult]:
     return out
 
 
-def _same_test_set(runs: list[RunResult]) -> bool:
-    """Same test images (by source id) in every run: only then does a difference of metrics mean something."""
-    return all(sorted(r.source_ids) == sorted(runs[0].source_ids) for r in runs[1:])
-
-
-def test_set_warning(runs) -> str | None:
-    """One line when the runs' test sets differ (other data, split seed or fractions), else None."""
-    runs = _as_runs(runs)
-    if _same_test_set(runs):
-        return None
-    sizes = ", ".join(f"{r.label} n={len(r.source_ids)}" for r in runs)
-    return f"the runs were evaluated on different test sets ({sizes}); no B − A difference is given"
-
-
 # --- bootstrap
 def _resample_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Chunks of bootstrap index rows; the same (n, n_boot, seed) always yields the same rows in the same order."""
@@ -328,7 +315,7 @@ def table_one_markdown(runs) -> str:
     ``runs`` are ``RunResult``s or run dirs."""
     runs = _as_runs(runs)
     rows = [[r.label, r.metrics["loss"], *(_f(r.test[key]) for key, _ in _TABLE_ONE_COLS)] for r in runs]
-    if len(runs) == 2 and _same_test_set(runs):
+    if len(runs) == 2 and same_test_set(runs):
         a, b = runs
         rows.append(["B − A", "", *(_d(b.test[key] - a.test[key]) for key, _ in _TABLE_ONE_COLS)])
     return _table(["Run", "Loss", *(title for _, title in _TABLE_ONE_COLS)], rows, right_from=2)
@@ -337,7 +324,7 @@ def table_one_markdown(runs) -> str:
 def table_two_markdown(runs) -> str:
     """Table II: per-class support and test recall per run (+ "B − A" column for two runs)."""
     runs = _as_runs(runs)
-    diff_col = len(runs) == 2 and _same_test_set(runs)
+    diff_col = len(runs) == 2 and same_test_set(runs)
     same_support = all(r.test["support"] == runs[0].test["support"] for r in runs)
     support_cols = ["Support"] if same_support else [f"Support {r.label}" for r in runs]
     header = ["Class", *support_cols, *(f"Recall {r.label}" for r in runs)] + (["B − A"] if diff_col else [])
