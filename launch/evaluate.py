@@ -54,12 +54,25 @@ def _records(cfg, split: str):
     return make_splits(records, cfg.data.split_fractions, seed, cfg.model.num_classes)["test"]
 
 
-def _check_prepared_size(cfg) -> None:
-    """A prepared set smaller than the model's input would be upsampled: not what the model was trained on."""
+def check_preprocessing(cfg, trained: dict | None) -> None:
+    """The images must be made the way the training images were (``trained``: the run's preprocessing.json).
+
+    A model trained on `metaloss prepare` output (fundus crop, resized, JPEG) scored on a raw layout would see
+    uncropped originals -- a different input distribution, silently -- so that is refused with the prepare command
+    that makes the data fit. A prepared set smaller than the model's input would be upsampled: refused too."""
     from trainer.engine.inference import InferenceError
     from trainer.engine.provenance import describe_preprocessing
 
-    prepared = describe_preprocessing(cfg)["prepared"]
+    here = describe_preprocessing(cfg)
+    was = (trained or {}).get("prepared")
+    if was and not here["prepared"]:
+        size, ben = was.get("size"), bool(was.get("ben_graham"))
+        how = "".join([f" --size {size}" if size else "", " --ben-graham" if ben else ""])
+        raise InferenceError(f"the model was trained on images made by `metaloss prepare` (fundus crop"
+                             f"{f', {size} px' if size else ''}{', Ben Graham filter' if ben else ''}), but "
+                             f"{cfg.data.root} is a raw {here['data_format']} layout: run `metaloss prepare --dataset "
+                             f"{here['data_format']} --src {cfg.data.root} --out DIR{how}` and evaluate DIR")
+    prepared = here["prepared"]
     if prepared and prepared["size"] is not None and prepared["size"] < cfg.data.image_size:
         raise InferenceError(f"{cfg.data.root} was prepared at {prepared['size']} px, the model takes "
                              f"{cfg.data.image_size} px: re-run `metaloss prepare --size {cfg.data.image_size}` (or "
@@ -91,7 +104,9 @@ def run_eval(args, *, debug: bool = False) -> dict:
     cfg.run.out_dir, cfg.run.name = str(Path(args.out).parent), Path(args.out).name
     cfg.logging.log_images = False
     acc = build_accelerator(cfg)
-    _check_prepared_size(cfg)
+    from trainer.engine.provenance import read_preprocessing
+
+    check_preprocessing(cfg, read_preprocessing(loaded.run_dir))
     records = _records(cfg, args.split)
     model = loaded.model.to(acc.device)
     stream = TorchEvalStream(records, DataSettings.from_config(cfg), acc.process_index, acc.num_processes)

@@ -10,6 +10,10 @@ in ``launch/gpu_steps.py`` (list and meaning: ``STEPS`` there, docs/PERFORMANCE.
 and a kill from here if the child does not come back (a hang inside CUDA or DALI), after which the child is
 restarted for the remaining steps. Every step ends PASS, FAIL or SKIP with a number; the summary is
 ``OUT/summary.json``, the logs ``OUT/log.txt``.
+
+Only those two files (and gpu.txt from the shell script) go to OUT: a lent GPU machine ships back at most 8 files
+from $OUT, two folders deep, so the installed wheels, the synthetic data and the per-step files live in ``--work``
+(default: a fresh temp dir, removed at the end; name one to keep it).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -140,7 +145,7 @@ def run_steps(names: list[str], limits: dict[str, int], args, summary: Summary, 
                 for name in pending:
                     summary.record(name, {"status": "SKIP", "value": None, "error": "out of the time budget"})
                 return
-            cmd = [sys.executable, "-m", "launch.gpu_steps", "--out", str(args.out), "--steps", ",".join(pending),
+            cmd = [sys.executable, "-m", "launch.gpu_steps", "--out", str(args.work), "--steps", ",".join(pending),
                    "--budget", str(int(left))] + (["--dry-run"] if args.dry_run else [])
             child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                      start_new_session=True)
@@ -190,20 +195,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=290.0, help="seconds for all steps together (default 290)")
     p.add_argument("--steps", default="", help="comma-separated subset of: " + ",".join(STEPS))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny model: checks the harness itself")
+    p.add_argument("--work", type=Path, default=None,
+                   help="scratch (installed wheels, data, per-step files); default: a temp dir, removed at the end")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    keep_work = args.work is not None
+    args.work = args.work or Path(tempfile.mkdtemp(prefix="metaloss_gpu_"))
+    args.work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(p, args)
+    finally:
+        if not keep_work:
+            shutil.rmtree(args.work, ignore_errors=True)
+
+
+def _run(p: argparse.ArgumentParser, args) -> int:
+    from launch.gpu_steps import STEPS, step_limits
+
     names = [s for s in args.steps.split(",") if s] or list(STEPS)
     unknown = [s for s in names if s not in STEPS]
     if unknown:
         p.error(f"unknown step(s) {unknown}; choose from {', '.join(STEPS)}")
-    summary = Summary(args.out, {"dry_run": args.dry_run, "budget_s": args.budget, "python": sys.version.split()[0]})
+    summary = Summary(args.out, {"dry_run": args.dry_run, "budget_s": args.budget, "python": sys.version.split()[0],
+                                 "work": str(args.work)})
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
     if args.wheels:
-        site = args.out / "site"
+        site = args.work / "site"
         shutil.rmtree(site, ignore_errors=True)
         try:
-            result = install_wheels(args.wheels, site, args.out / "wheels_work")
+            result = install_wheels(args.wheels, site, args.work / "wheels_work")
         except Exception as e:  # noqa: BLE001 -- any failure here is the step's result
             result = {"status": "FAIL", "error": f"{type(e).__name__}: {e}"}
         result["value"] = len(result.get("installed", []))

@@ -6,6 +6,7 @@
 #   WHEELS_DIR="dali_whl trainer_whl" OUT=$OUT bash launch/gpu_checks.sh    # + python -m launch.trainer_wheels
 #   OUT=$OUT bash launch/gpu_checks.sh --steps env,imports,dali_decode
 #   bash launch/gpu_checks.sh --dry-run                                         # CPU, tiny model, < 60 s
+# OUT gets summary.json, log.txt, gpu.txt only (a lent machine ships back <= 8 files); scratch: --work DIR or a temp dir
 # WHEELS_DIR: space-separated folders of split parts (part1..partN + SHA256, assembled in numeric order) and/or
 # *.whl files; wheels whose tags do not fit this Python (dali_wheels.sh fetches cp312) are reported, not forced.
 # Exit code: 0 when no step failed, 1 otherwise (SKIP is not a failure); PYTHON picks the interpreter.

@@ -4,29 +4,16 @@ size). Everything is computed from the rows of results.csv, i.e. from finished r
 """
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from launch.study.spec import FRACTION_KEY, Study
+from trainer.comparison.report import mean_interval  # one definition of the 95% t-interval
 
 _SUMMARY = ("qwk", "referable_auc", "ece", "img_per_s")
 LOSS_KEY = "train.loss"
-
-
-def mean_interval(values: list[float]) -> tuple[float, float, float | None, float | None]:
-    """(mean, sample std, lo, hi): the 95% Student-t interval of the mean; no interval from a single value."""
-    from scipy import stats
-
-    x = np.asarray(values, dtype=np.float64)
-    mean = float(x.mean())
-    if len(x) < 2:
-        return mean, 0.0, None, None
-    std = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.975, len(x) - 1)) * std / math.sqrt(len(x))
-    return mean, std, mean - half, mean + half
 
 
 def _fmt(values: list[float]) -> str:

@@ -143,3 +143,20 @@ def test_predict_repeats_the_prepare_crop(second_set, tmp_path):
         raw = second_set / "train_images" / f"{row['source_id']}.png"
         want = eval_transform(32)(Image.open(tmp_path / "prep" / row["path"]).convert("RGB"))
         assert torch.equal(load(raw), want)
+
+
+def test_eval_refuses_raw_images_for_a_model_trained_on_prepared_ones(second_set, tmp_path):
+    from data_pipeline.prepare import prepare_dataset
+    from launch.evaluate import check_preprocessing
+    from trainer.config import config_from_dict
+
+    trained = {"prepared": {"size": 40, "ben_graham": True}}  # the run's preprocessing.json
+    raw = config_from_dict({"data": {"root": str(second_set), "image_size": 32}})
+    with pytest.raises(InferenceError, match="raw aptos layout") as e:
+        check_preprocessing(raw, trained)
+    assert f"metaloss prepare --dataset aptos --src {second_set} --out DIR --size 40 --ben-graham" in str(e.value)
+    assert "\n" not in str(e.value)
+    prepare_dataset("aptos", second_set, tmp_path / "prep", size=40, workers=1, progress=False)
+    check_preprocessing(config_from_dict({"data": {"root": str(tmp_path / "prep"), "image_size": 32}}), trained)
+    check_preprocessing(raw, {"prepared": None})  # trained on a raw layout too
+    check_preprocessing(raw, None)                # a run from before preprocessing.json: nothing to compare

@@ -64,8 +64,8 @@ def test_wheels_for_another_python_are_reported_not_installed(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_writes_a_summary_for_every_step(tmp_path):
-    out = tmp_path / "gpu"
-    proc = subprocess.run(["bash", "launch/gpu_checks.sh", "--dry-run"], cwd=REPO, capture_output=True, text=True,
+    out, work = tmp_path / "gpu", tmp_path / "work"
+    proc = subprocess.run(["bash", "launch/gpu_checks.sh", "--dry-run", "--work", str(work)], cwd=REPO, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OUT": str(out), "PYTHON": sys.executable,
                                             "WHEELS_DIR": str(_carried(tmp_path, 3))})
     summary = json.loads((out / "summary.json").read_text())
@@ -76,7 +76,10 @@ def test_dry_run_writes_a_summary_for_every_step(tmp_path):
         expected = "SKIP" if name in SKIPPED_IN_DRY_RUN else "PASS"
         assert res["status"] == expected, (name, res)
         assert f"{expected:4s} {name}:" in proc.stdout  # each step prints its verdict and number
-    assert (out / "site" / "metaloss_fake_whl" / "__init__.py").is_file()
+    assert (work / "site" / "metaloss_fake_whl" / "__init__.py").is_file()
+    # a lent GPU machine ships back at most 8 files of $OUT: wheels, data and per-step files stay in the work dir
+    assert sorted(p.name for p in out.rglob("*")) == sorted({"summary.json", "log.txt"} | (
+        {"gpu.txt"} if (out / "gpu.txt").exists() else set()))
     # bench train runs max_steps, not one epoch: the DALI set is 8 batches per epoch, the run 12 steps
     for name in ("train_synthetic_a", "train_dali", "train_synthetic_b", "compile"):
         assert steps[name]["steps"] == DRY.steps and steps[name]["value"] > 0
