@@ -3,6 +3,7 @@ table for ``data.backend: synthetic`` without a data set."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from data_pipeline.readers import detect_format, read_dataset
 from data_pipeline.records import APTOS_COUNTS, DataError, Record
@@ -56,6 +57,9 @@ def load_records(settings: DataSettings) -> list[Record]:
         return synthetic_records(settings.synthetic_samples, settings.num_classes)
     if not settings.root:
         raise DataError("config key 'data.root' is empty: point it at a data set (or use data.backend=synthetic)")
+    if not Path(settings.root).exists():
+        raise DataError(f"config key 'data.root': {settings.root} not found (point it at a data set directory, e.g. "
+                        "data.root=demo_data/synthetic)")
     fmt = settings.format if settings.format != "auto" else detect_format(settings.root)
     records = read_dataset(fmt, settings.root, num_classes=settings.num_classes, path_col=settings.path_col,
                            label_col=settings.label_col, skip_bad=settings.skip_bad)

@@ -39,11 +39,15 @@ def _prepare(args, *, debug=False):
 
 @user_errors_exit
 def _report(args, *, debug=False):
-    from trainer.reporting.report import load_run, table_one_markdown, table_two_markdown, write_report
+    from trainer.reporting.report import (load_run, table_one_markdown, table_two_markdown, test_set_warning,
+                                          write_report)
 
     runs = [Path(r) for r in args.runs]
     out = write_report(runs, Path(args.out) if args.out else None, n_boot=args.n_boot)
     loaded = [load_run(r) for r in runs]
+    warning = test_set_warning(loaded)
+    if warning:
+        print(f"metaloss: warning: {warning}", file=sys.stderr)
     print("Table I (test split)\n" + table_one_markdown(loaded))
     print("\nTable II (per-class recall)\n" + table_two_markdown(loaded))
     print(f"\nreport: {out}")

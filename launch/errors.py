@@ -58,8 +58,44 @@ def setup_logging(debug: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_EXIT_KEY = "metaloss/user_error_exits"
+_EXIT_WAIT_S = 30.0
+
+
+def _leave_process_group(every_rank: bool) -> None:
+    """Leave the job so that every rank exits 2 by itself, without an abort.
+
+    The launcher SIGTERMs the other workers as soon as one exits non-zero: a rank still on its way out would die of
+    that signal (exit -15) instead of reporting 2. So a rank that is exiting ignores SIGTERM, and when every rank
+    raised the error, rank 0 leaves last (counted on the launcher's store). Then the process group is torn down:
+    exiting with a live gloo/nccl group lets its C++ threads be destroyed unjoined ("terminate called without an
+    active exception", SIGABRT).
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    import signal
+    import time
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        if every_rank:
+            store = dist.distributed_c10d._get_default_store()
+            store.add(_EXIT_KEY, 1)
+            if dist.get_rank() == 0:
+                deadline = time.monotonic() + _EXIT_WAIT_S
+                while store.add(_EXIT_KEY, 0) < dist.get_world_size() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 -- best effort on the way out; the user error is what matters
+        pass
+
+
 def user_errors_exit(fn):
-    """Decorator for CLI entry points: known user errors -> one message + exit 2 (traceback with debug=True)."""
+    """Decorator for CLI entry points: known user errors -> one message + exit 2 (traceback with debug=True).
+
+    Under a launcher every rank exits 2, but an error every rank raised alike (``same_on_every_rank``: a config,
+    a run dir, a data set all ranks read) is reported by rank 0 alone; a rank's own error names the rank."""
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
         try:
@@ -67,6 +103,13 @@ def user_errors_exit(fn):
         except Exception as e:
             if debug or not is_user_error(e):
                 raise
-            print(f"metaloss: error: {user_message(e)}", file=sys.stderr)
+            rank = int(os.environ.get("RANK", "0") or 0)
+            every_rank = bool(getattr(e, "same_on_every_rank", False))
+            if rank == 0:
+                print(f"metaloss: error: {user_message(e)}", file=sys.stderr)
+            elif not every_rank:
+                print(f"metaloss: error: [rank {rank}] {user_message(e)}", file=sys.stderr)
+            sys.stderr.flush()
+            _leave_process_group(every_rank)
             sys.exit(2)
     return wrapper

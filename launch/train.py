@@ -4,8 +4,9 @@ Works as is for one process, and under ``torchrun --nproc_per_node N -m launch.t
 ``accelerate launch --multi_gpu --num_processes N -m launch.train ...`` (Accelerate reads the launcher's env; on CPU
 the trainer picks the gloo backend). See docs/DISTRIBUTED.md.
 
-Exit status: 0 when training finished *or* was pre-empted by SIGTERM (the state is checkpointed; run the same
-command with ``--resume auto`` to continue), 2 for a user error (one line on stderr).
+Exit status: 0 when training finished *or* was pre-empted by SIGTERM (the state is checkpointed, and
+``RUN/checkpoints/PREEMPTED`` tells the two apart; run the same command with ``--resume auto`` to continue), 130 after
+Ctrl-C (checkpointed the same way; a second Ctrl-C exits at once), 2 for a user error (one line on stderr).
 """
 from __future__ import annotations
 
@@ -36,21 +37,29 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     from trainer.config import load_config
     from trainer.engine.trainer import Trainer
 
-    control_of = getattr(args, "control_of", None)
-    if control_of:
-        from trainer.comparison.control import check_control_matches, control_overrides, write_control_record
+    try:
+        control_of = getattr(args, "control_of", None)
+        if control_of:
+            from trainer.comparison.control import check_control_matches, control_overrides, write_control_record
 
-        cfg = load_config(args.config, control_overrides(control_of) + list(args.overrides))
-        check_control_matches(cfg, control_of)
-    else:
-        cfg = load_config(args.config, args.overrides)
-    trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)
+            cfg = load_config(args.config, control_overrides(control_of) + list(args.overrides))
+            check_control_matches(cfg, control_of)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, force=args.force, quiet=args.quiet)
+    except Exception as e:
+        # every rank parses the same command line and reads the same config, run dir and data (rank 0 reads, then
+        # shares): rank 0 alone reports. A rank-local failure (a torn RNG file of one rank) says so itself.
+        if not hasattr(e, "same_on_every_rank"):
+            e.same_on_every_rank = True
+        raise
     if control_of and trainer.accelerator.is_main_process:
         write_control_record(trainer.run_dir, control_of, cfg)
     metrics = trainer.fit()
     if trainer.accelerator.is_main_process:
         if metrics.get("preempted"):
-            print(json.dumps({"run_dir": str(trainer.run_dir), "preempted": True, "step": metrics["step"]}))
+            print(json.dumps({"run_dir": str(trainer.run_dir), "preempted": True, "step": metrics["step"],
+                              "signal": metrics["signal"]}))
         elif "test" in metrics:
             t = metrics["test"]
             print(json.dumps({"run_dir": str(trainer.run_dir), "accuracy": round(t["accuracy"], 4),
@@ -64,8 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     add_train_args(p)
     args = p.parse_intermixed_args(argv)  # `CONFIG --resume auto key=value` as well as `CONFIG key=value --resume auto`
     setup_logging(args.debug)
-    run_training(args, debug=args.debug)
-    return 0
+    try:
+        metrics = run_training(args, debug=args.debug)
+    except KeyboardInterrupt:
+        # Ctrl-C before the training loop installed its handler (reading the data, building the model)
+        if args.debug:
+            raise
+        print("metaloss: interrupted (Ctrl-C) before training started; nothing to checkpoint", file=sys.stderr)
+        return 130
+    return 130 if metrics.get("signal") == "SIGINT" else 0  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from data_pipeline.readers.registry import FORMATS
 from trainer.components.loss_registry import LOSSES
 from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS, lagged_real_step_needs
 from common.errors import UserError
+from trainer.config_io import diff_configs, save_config  # noqa: F401 -- re-exported: callers import them from here
 
 
 class ConfigError(UserError, ValueError):
@@ -257,6 +258,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-3` and `3e-4` (no dot) as strings: accept every spelling Python's float() does
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
         return float(value)
@@ -345,14 +352,30 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+def _merge_overrides(cfg: Config, overrides: list[str]) -> None:
+    """Each override merged on its own, so an error names the override the user typed (not the YAML file)."""
+    flat = dict(parse_override(o) for o in overrides)
+    _nest(flat)  # conflicting overrides (`a=1 a.b=2`) are refused before any is applied
+    for text in overrides:
+        key, value = parse_override(text)
+        try:
+            _merge(cfg, _nest({key: value}))
+        except ConfigError as e:
+            raise ConfigError(f"override {text!r}: {e}") from None
+
+
+def config_from_dict(data: dict, overrides: Optional[list[str]] = None, *, source: str | None = None) -> Config:
+    """``source`` names where ``data`` came from (the YAML path) in errors about it."""
     cfg = Config()
     if data:
-        if not isinstance(data, dict):
-            raise ConfigError("config must be a mapping of sections (run, data, model, ...)")
-        _merge(cfg, data)
+        try:
+            if not isinstance(data, dict):
+                raise ConfigError("config must be a mapping of sections (run, data, model, ...)")
+            _merge(cfg, data)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}" if source else str(e)) from None
     if overrides:
-        _merge(cfg, _nest(dict(parse_override(o) for o in overrides)))
+        _merge_overrides(cfg, overrides)
     _validate(cfg)
     return cfg
 
@@ -368,29 +391,9 @@ def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = Non
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        try:
-            return config_from_dict(data, overrides)
-        except ConfigError as e:
-            raise ConfigError(f"{p}: {e}") from None
+        return config_from_dict(data, overrides, source=str(p))
     return config_from_dict(data, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-
-def diff_configs(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """Dotted keys whose values differ between two config dicts (for resume safety)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        dotted = f"{prefix}{key}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(diff_configs(a, b, dotted + "."))
-        elif a != b:
-            out.append((dotted, a, b))
-    return out

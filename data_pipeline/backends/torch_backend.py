@@ -7,6 +7,8 @@ resumed run starts -- the property the bitwise resume test relies on.
 """
 from __future__ import annotations
 
+import atexit
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -97,13 +99,63 @@ class ShardedBatchSampler:
             yield [(i, self.epoch) for i in idx[b * self.batch_size:(b + 1) * self.batch_size]]
 
 
+# SLURM (and a terminal's Ctrl-C, and `kill -- -PGID`) signal every process of the job, loader workers included. A
+# worker killed by SIGTERM takes the trainer down ("DataLoader worker ... killed by signal") before it can checkpoint,
+# so workers ignore the stop signals and the main process alone decides when to stop (trainer.StopAgreement).
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_exit_hook_registered = False
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn``: runs after torch installs its own worker handlers (SIGTERM -> die), so it wins."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked across the fork (see iterate)
+
+
+def iterate(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate a DataLoader whose workers cannot be killed by a stop signal sent while they start.
+
+    The workers fork inside ``iter(loader)``; until ``ignore_stop_signals`` runs in them they would die of a SIGTERM.
+    Blocking the stop signals across the fork closes that window: the children inherit the mask and ignore what was
+    pending, and the main process gets a pending signal as soon as the mask is restored.
+    """
+    if loader.num_workers == 0:
+        yield from loader
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        it = iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    yield from it
+
+
+def _kill_loader_workers_at_exit() -> None:
+    """multiprocessing's own exit hook SIGTERMs its daemonic children -- which loader workers ignore -- and then
+    joins them without a timeout: a process exiting while an iterator still holds workers (an error raised
+    mid-epoch) would hang there. Registered after that hook, this runs first and SIGKILLs them (they hold nothing
+    that needs saving)."""
+    import multiprocessing
+
+    for proc in multiprocessing.active_children():
+        if proc.daemon:
+            proc.kill()
+            proc.join(timeout=1)
+
+
 def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int, *, persistent: bool) -> DataLoader:
     """persistent: the workers outlive a pass (the next ``iter()`` re-reads the sampler's epoch/start in the main
     process and resumes the same workers). The train and meta streams need that: on 8 ranks an APTOS meta shard is
     ~2 batches, and forking fresh workers every pass would dominate the step. The augmentation is seeded per sample
     (``RecordDataset``), so which worker decodes a sample never changes its pixels and resume stays bitwise."""
+    global _exit_hook_registered
+    if workers and not _exit_hook_registered:
+        atexit.register(_kill_loader_workers_at_exit)
+        _exit_hook_registered = True
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0)
+                      pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
+                      worker_init_fn=ignore_stop_signals if workers else None)
 
 
 class TorchTrainStream(StreamPosition):
@@ -122,7 +174,7 @@ class TorchTrainStream(StreamPosition):
     def __iter__(self) -> Iterator[Batch]:
         # the sampler is iterated lazily, on the loader's first batch: it starts at this position
         self.sampler.epoch, self.sampler.start_batch = self.epoch, self.consumed
-        for batch in self.loader:
+        for batch in iterate(self.loader):
             self.consumed += 1
             yield batch
         self.consumed = 0
@@ -139,7 +191,7 @@ class TorchEvalStream:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[Batch]:
-        return iter(self.loader)
+        return iterate(self.loader)
 
 
 def build_torch_streams(settings: DataSettings, splits: dict[str, list[Record]], rank: int, world: int,

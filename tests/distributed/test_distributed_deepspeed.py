@@ -57,7 +57,7 @@ def test_zero2_bf16_two_ranks_meta_step_preempt_and_resume(synth_dir, tmp_path):
     # SIGTERM on both ranks after step 2: they agree one step later and checkpoint step 3 (mid first epoch)
     torchrun(*args, env={"METALOSS_TEST_FAULT": "term_after_step:2"}, timeout=600)
     r0, r1 = (torch.load(tmp_path / "dump" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    assert r0["metrics"] == {"preempted": True, "step": 3}
+    assert r0["metrics"] == {"preempted": True, "step": 3, "signal": "SIGTERM"}
     # the meta step ran (φ moved) and left φ, its Adam state and θ identical on both ranks
     assert any(not torch.equal(r0["phi"][k], r0["phi_start"][k]) for k in r0["phi"])
     assert all(torch.equal(r0["phi"][k], r1["phi"][k]) for k in r0["phi"])

@@ -64,7 +64,8 @@ def test_existing_run_dir_is_not_overwritten(synth_dir, tmp_path):
     ("train.epochz=1", "'train.epochz'"),
     ("model.arch=efficientnet-b0", "close matches: efficientnet_b0"),
     ("train.loss=meta meta.lookahead=head model.arch=squeezenet1_1", "1x1 convolution"),
-    ("data.root=/nonexistent/dir", "/nonexistent/dir"),
+    ("data.root=/nonexistent/dir", "config key 'data.root': /nonexistent/dir not found"),
+    ("optim.lr=fast", "override 'optim.lr=fast'"),
     ("train.loss=focal loss.focal_gamma=-1", "focal_gamma"),
     ("train.loss=meta meta.lr=0", "'meta.lr'"),
 ])

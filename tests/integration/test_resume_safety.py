@@ -49,3 +49,32 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(synth_dir, tmp_path)
     resumed = Trainer(cfg, resume="auto", quiet=True)  # the kept checkpoint loads
     assert resumed.state.step == 2
     AcceleratorState._reset_state(True)
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_optimiser_is_refused_then_applied_with_force(synth_dir, tmp_path):
+    import torch
+    import yaml
+
+    # epochs=5: a run stopped by max_steps closes its epoch, and each resume below continues one
+    base = tiny_overrides(synth_dir, tmp_path, "optim", "train.max_steps=3", "optim.lr=0.001", "train.epochs=5")
+    run_cli("-m", "launch.train", "configs/demo.yaml", *base, "--quiet")
+    run_dir = tmp_path / "optim"
+    longer = [*base, "train.max_steps=4", "optim.lr=0.01"]
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *longer, "--resume", "auto", check=False)
+    assert proc.returncode == 2 and "optim.lr: 0.001 -> 0.01" in proc.stderr and "Traceback" not in proc.stderr
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.001  # refused: unchanged
+
+    proc = run_cli("-m", "launch.train", "configs/demo.yaml", *longer, "--resume", "auto", "--force", "--quiet")
+    assert "resume applies the new config: optim.lr: 0.001 -> 0.01" in proc.stderr
+    opt = torch.load(list_checkpoints(run_dir)[0] / "optimizer.bin", weights_only=False)
+    assert [g["lr"] for g in opt["param_groups"]] == [0.01]  # the rate the run actually trained step 4 with
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.01
+
+    # another optimiser: no KeyError 'momentum'; SGD's own state from then on
+    run_cli("-m", "launch.train", "configs/demo.yaml", *longer, "train.max_steps=5", "optim.name=sgd",
+            "--resume", "auto", "--force", "--quiet")
+    opt = torch.load(list_checkpoints(run_dir)[0] / "optimizer.bin", weights_only=False)
+    assert opt["param_groups"][0]["momentum"] == 0.9
+    assert all(set(s) == {"momentum_buffer"} for s in opt["state"].values())
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["name"] == "sgd"

@@ -82,3 +82,32 @@ def test_presets_load():
     assert (paper.model.arch, paper.data.image_size, paper.train.batch_size, paper.train.epochs) == \
         ("resnet50", 224, 32, 12)
     assert paper.train.loss == "meta" and paper.meta.granularity == "batch"
+
+
+@pytest.mark.parametrize("spelling,value", [("1e-3", 1e-3), ("3e-4", 3e-4), (".5", 0.5), ("1E-3", 1e-3),
+                                            ("2.5e+2", 250.0), ("1_000.5", 1000.5), ("0.01", 0.01), ("4", 4.0)])
+def test_every_python_float_spelling_is_a_float_on_the_cli_and_in_yaml(tmp_path, spelling, value):
+    # YAML 1.1 reads `1e-3` (no dot) as a string: every learning-rate sweep used to hit "expected a number"
+    cfg = config_from_dict({}, [f"optim.lr={spelling}", f"meta.fd_eps={spelling}", f"loss.focal_gamma={spelling}"])
+    assert (cfg.optim.lr, cfg.meta.fd_eps, cfg.loss.focal_gamma) == (value, value, value)
+    p = tmp_path / "c.yaml"
+    p.write_text(f"optim:\n  lr: {spelling}\nmeta:\n  lr: {spelling}\ndata:\n  split_fractions: [0.7, 0.15, 0.15]\n")
+    cfg = load_config(p)
+    assert cfg.optim.lr == value and cfg.meta.lr == value and isinstance(cfg.optim.lr, float)
+
+
+@pytest.mark.parametrize("bad", ["abc", "1e-3x", "true", "[1]", "1,5"])
+def test_a_float_key_still_refuses_what_is_not_a_number(bad):
+    with pytest.raises(ConfigError, match="'optim.lr'.*expected a number"):
+        config_from_dict({}, [f"optim.lr={bad}"])
+
+
+def test_an_override_error_names_the_override_not_the_yaml(tmp_path):
+    p = tmp_path / "preset.yaml"
+    p.write_text("train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["train.epochs=3", "optim.lr=fast"])
+    assert "override 'optim.lr=fast'" in str(e.value) and "preset.yaml" not in str(e.value)
+    p.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"preset\.yaml: config key 'optim\.lr'"):
+        load_config(p, ["train.epochs=3"])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.cli import run_cli
 from data_pipeline.records import class_names
 from trainer.metrics import compute_metrics
 from trainer.reporting.report import (ReportInputError, bootstrap_ci, bootstrap_report_cis, load_run, table_one_markdown,
@@ -161,7 +162,33 @@ def test_figures_are_real_pngs(two_runs):
 def test_runs_without_meta_weights_are_skipped_with_a_note(two_runs):
     _, _, _, md = two_runs
     assert "A: baseline has no meta weights" in md
-    assert "A: baseline logged no per-step meta loss; its validation loss per epoch is shown" in md
+
+
+def test_figure_c_plots_the_same_quantity_for_every_run(two_runs):
+    # the meta run also logged a per-step meta-*batch* loss (1.8/step): not comparable with a split evaluation,
+    # so both runs show their meta-split loss per epoch, from their history
+    a, b, _, _ = two_runs
+    from trainer.reporting.figures import validation_loss_series
+    from trainer.reporting.report import _as_runs
+
+    series, notes = validation_loss_series(_as_runs([a, b]))
+    for run, label in ((a, "A: baseline"), (b, "B: meta")):
+        hist = _metrics(run)["history"]
+        assert series[label] == ([h["epoch"] for h in hist], [h["val"]["loss"] for h in hist])
+    assert notes == []
+
+
+def test_runs_on_different_test_sets_warn_and_give_no_difference(tmp_path):
+    a = make_run(tmp_path, "a", "ce", acc=0.6, seed=1, meta=False, n=300)
+    b = make_run(tmp_path, "b", "meta", acc=0.7, seed=2, meta=True, n=280)  # another split: 280 test images
+    md = write_report([a, b], tmp_path / "r.md", n_boot=50).read_text()
+    assert "**Warning:** the runs were evaluated on different test sets (A: a n=300, B: b n=280)" in md
+    assert "| B − A |" not in md and not parse_table(md, "Table II")[0][-1].startswith("B − A")
+    assert [row[0] for row in parse_table(md, "Table I")[1:]] == ["A: a", "B: b"]
+    proc = run_cli("-m", "launch.cli", "report", str(a), str(b), "--out", str(tmp_path / "r2.md"), "--n-boot",
+                   "20")
+    assert "metaloss: warning: the runs were evaluated on different test sets" in proc.stderr
+    assert "B − A" not in proc.stdout
 
 
 def test_single_baseline_run_report(tmp_path):

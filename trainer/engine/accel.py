@@ -101,6 +101,19 @@ def build_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=cpu, **kwargs)
 
 
+def run_environment(cfg: Config, acc: Accelerator) -> dict:
+    """World size, global batch and hardware: recorded with the results (metrics.json, config.yaml), because the
+    same config means a different run on 1 CPU and on 8 GPUs."""
+    if acc.device.type == "cuda":
+        hardware = f"{acc.num_processes} x {torch.cuda.get_device_name(acc.device)}"
+    else:
+        import platform
+
+        hardware = f"{acc.num_processes} x CPU process ({platform.machine() or 'unknown'}, {os.cpu_count()} cores)"
+    return {"world_size": acc.num_processes, "global_batch": cfg.train.batch_size * acc.num_processes,
+            "hardware": hardware}
+
+
 def bare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The network under DDP / DeepSpeed / torch.compile wrappers.
 
@@ -143,37 +156,42 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 
 
 class StopAgreement:
-    """Lets every rank stop at the *same* step boundary after a SIGTERM, which may reach ranks steps apart.
+    """Lets every rank stop at the *same* step boundary after a SIGTERM/SIGINT, which may reach ranks steps apart.
 
     A rank that stopped alone would enter the (collective) checkpoint while the others wait in the next step's
     gradient all-reduce -- a hang until the process-group timeout. So each step every rank contributes its local
     flag to an all-reduce (max) on a small CPU/gloo group, started asynchronously and read one step later: it never
     syncs with the GPU and its latency hides behind a step. Every rank reads the result of the same collective at
     the same step, so they all agree. Single process: just the local flag.
+
+    The flag is a reason code (``TERM`` < ``INT``) and the reduction a max, so the ranks also agree on *why* they
+    stop -- and exit with the same status -- when one got Ctrl-C and another SIGTERM.
     """
 
+    TERM, INT = 1, 2
+
     def __init__(self, num_processes: int):
-        self.local = False
+        self.local = 0
         self._group = None
         self._pending = None  # (work, buffer) of the all-reduce started last step
         if num_processes > 1 and dist.is_available() and dist.is_initialized():
             # a side group on gloo: its tensors live on the host whatever the main backend (nccl) is
             self._group = dist.new_group(backend="gloo")
 
-    def request(self) -> None:
+    def request(self, reason: int = TERM) -> None:
         """Called from the signal handler: only sets a flag (the loop acts on it at a step boundary)."""
-        self.local = True
+        self.local = max(self.local, int(reason))
 
-    def should_stop(self) -> bool:
-        """Every rank calls this once per step, in the same steps. True on all ranks or on none."""
+    def should_stop(self) -> int:
+        """Every rank calls this once per step, in the same steps. The same reason (0 = go on) on every rank."""
         if self._group is None:
             return self.local
-        agreed = False
+        agreed = 0
         if self._pending is not None:
             work, buf = self._pending
             work.wait()
-            agreed = bool(buf[0] > 0)  # a host tensor: no device sync
-        buf = torch.tensor([int(self.local)], dtype=torch.int32)
+            agreed = int(buf[0])  # a host tensor: no device sync
+        buf = torch.tensor([self.local], dtype=torch.int32)
         self._pending = (dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=self._group, async_op=True), buf)
         return agreed
 

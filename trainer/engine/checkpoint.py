@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 from common.errors import UserError
@@ -28,6 +29,7 @@ from common.errors import UserError
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+PREEMPTED = "PREEMPTED"  # in RUN/checkpoints/: the run stopped on SIGTERM with a checkpoint (removed on resume)
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -57,6 +59,17 @@ class TrainState:
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def mark_preempted(run_dir: Path, step: int) -> None:
+    """A pre-empted run exits 0 like a finished one; this file is how a requeue script tells them apart."""
+    path = checkpoint_dir(run_dir) / PREEMPTED
+    path.write_text(json.dumps({"step": step, "signal": "SIGTERM"}) + "\n")
+    _fsync_path(path)
+
+
+def clear_preempted(run_dir: Path) -> None:
+    (checkpoint_dir(run_dir) / PREEMPTED).unlink(missing_ok=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -160,7 +173,9 @@ def load_latest(accelerator, candidates: list[Path]) -> Path | None:
         except Exception as e:  # a truncated/corrupt file can raise anything from pickle, zip or safetensors
             log.warning("checkpoint %s is unreadable (%s: %s); trying the one before", path, type(e).__name__, e)
     if candidates:
-        raise CheckpointError(f"no loadable checkpoint among {[str(c) for c in candidates]}")
+        error = CheckpointError(f"no loadable checkpoint among {[str(c) for c in candidates]}")
+        error.same_on_every_rank = False  # each rank loads its own RNG (and ZeRO) files: it may be this rank alone
+        raise error
     return None
 
 
@@ -169,12 +184,13 @@ class FaultInjection:
 
     ``kill_after_step:N``   SIGKILL once step N (and its checkpoint, if one is due) is done -- a crash mid-epoch;
     ``term_after_step:N``   SIGTERM at the same point -- a pre-emption, through the real signal handler;
+    ``hang_after_step:N``   sleep for a minute at the same point -- a stuck step (signals still reach the handler);
     ``kill_before_rename:N`` SIGKILL inside the checkpoint of step N, after every file is written but before the
                             rename that publishes it -- the worst moment for a checkpoint write.
     ``@RANK`` limits it to one rank (default: every rank). Unset (always, outside tests): every method is a no-op.
     """
 
-    ACTIONS = ("kill_after_step", "term_after_step", "kill_before_rename")
+    ACTIONS = ("kill_after_step", "term_after_step", "hang_after_step", "kill_before_rename")
 
     def __init__(self, spec: str | None, rank: int):
         self.action, self.step = None, -1
@@ -203,6 +219,8 @@ class FaultInjection:
             os.kill(os.getpid(), signal.SIGKILL)
         elif self.action == "term_after_step":
             os.kill(os.getpid(), signal.SIGTERM)
+        elif self.action == "hang_after_step":
+            time.sleep(60)
 
     def before_rename(self, step: int):
         if self.action == "kill_before_rename" and step == self.step:

@@ -5,6 +5,7 @@ byte-identical split (splits.csv is the single source of truth, re-used unchange
 """
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,11 +15,15 @@ from data_pipeline.settings import DataSettings
 from data_pipeline.splits import load_or_make_splits, with_meta_in_train
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
+from trainer.engine.checkpoint import list_checkpoints
 from common.errors import UserError
 
-# Keys that change what is trained on or what is being trained: a resume that changes them is refused.
+log = logging.getLogger(__name__)
+
+# Keys that change what is trained on or what is being trained: a resume that changes them is refused (--force
+# applies them; the optimiser's through trainer.components.optim.apply_optim_config).
 RESUME_GUARDED = ("data.root", "data.format", "data.split_fractions", "data.split_seed", "data.train_fraction",
-                  "data.image_size", "data.baselines_use_meta_split", "model.", "meta.",
+                  "data.image_size", "data.baselines_use_meta_split", "model.", "meta.", "optim.",
                   "train.loss", "train.seed", "train.batch_size")
 
 
@@ -58,10 +63,24 @@ def _absent(tree: dict, dotted: str) -> bool:
     return not isinstance(node, dict) or leaf not in node
 
 
-def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False) -> Path:
+def is_failed_start(run_dir: Path) -> bool:
+    """A run dir with no complete checkpoint and no finished metrics holds nothing to continue or keep: an earlier
+    start failed (a typo in data.root, a missing file) before it trained anything worth saving."""
+    return run_dir.is_dir() and not list_checkpoints(run_dir) and not (run_dir / "metrics.json").exists()
+
+
+def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False,
+                    environment: dict | None = None) -> Path:
     run_dir = cfg.run_dir
     if is_main:
         exists = run_dir.exists() and any(run_dir.iterdir())
+        if exists and not overwrite and is_failed_start(run_dir):
+            # the corrected command (or a requeued job, which always passes --resume auto) must just work, and
+            # start clean: a splits.csv left by the failed start would otherwise be silently re-used
+            log.warning("run dir %s holds no checkpoint and no results (an earlier start failed): starting it "
+                        "afresh", run_dir)
+            shutil.rmtree(run_dir)
+            exists = False
         if exists and resume:
             check_resume_config(run_dir, cfg, force=force)
         elif exists and overwrite:
@@ -70,7 +89,8 @@ def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool
             raise RunDirError(f"run dir {run_dir} already exists: choose another run.name, pass --overwrite to "
                               "replace it, or --resume auto to continue it")
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / "config.yaml", comment=(
+            "launched with " + ", ".join(f"{k}: {v}" for k, v in environment.items())) if environment else None)
     return run_dir
 
 

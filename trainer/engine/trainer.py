@@ -8,7 +8,9 @@ decision -- see ``StopAgreement``); only the main process writes files.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 
 import torch
@@ -19,15 +21,15 @@ from data_pipeline.factory import build_streams
 from data_pipeline.settings import DataSettings
 
 from trainer.engine.accel import (StopAgreement, bare_model, broadcast_buffers, build_accelerator,
-                                  match_buffer_dtypes)
-from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, load_latest, resolve_resume, save_checkpoint,
-                         written_by_ranks)
+                                  match_buffer_dtypes, run_environment)
+from trainer.engine.checkpoint import (CheckpointError, FaultInjection, TrainState, clear_preempted, load_latest,
+                                      mark_preempted, resolve_resume, save_checkpoint, written_by_ranks)
 from trainer.clinical_metrics import bootstrap_clinical
 from trainer.config import Config
 from trainer.engine.evaluation import Predictions, evaluate
 from trainer.components.losses import build_loss
 from trainer.components.models import build_model, check_model_config, to_memory_format
-from trainer.components.optim import build_optimizer, build_scheduler
+from trainer.components.optim import apply_optim_config, build_optimizer, build_scheduler
 from trainer.engine.provenance import write_preprocessing
 from trainer.engine.run_dir import on_main_then_share, prepare_run_dir, load_splits, stream_tables
 from trainer.observability.run_logging import RunLogger
@@ -39,6 +41,13 @@ log = logging.getLogger(__name__)
 
 class TrainingStopped(UserError, RuntimeError):
     """Training stopped on purpose (too many bad steps); the last good state was checkpointed."""
+
+    same_on_every_rank = True  # the ranks agree on it (an all-reduce): rank 0 alone reports it
+
+
+_SIGNAL_NAMES = {StopAgreement.TERM: "SIGTERM", StopAgreement.INT: "SIGINT"}
+# a repeat within this many seconds is the same Ctrl-C delivered twice (terminal + a launcher forwarding it)
+_SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 class Trainer:
@@ -55,7 +64,8 @@ class Trainer:
         # algorithm search runs once per shape and then pays off every step
         torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark and not cfg.train.deterministic
         self.run_dir = on_main_then_share(acc, lambda: prepare_run_dir(
-            cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force))
+            cfg, is_main=True, resume=bool(resume), overwrite=overwrite, force=force,
+            environment=run_environment(cfg, acc)))
         data = DataSettings.from_config(cfg)  # all the data layer reads of the config
         self.splits = load_splits(data, self.run_dir, acc)
         if acc.is_main_process:
@@ -107,7 +117,6 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, loss_fn=self.loss_fn,
             reweighter=self.reweighter, meta_stream=self.streams.meta, accelerator=acc, cfg=cfg,
             input_dtype=self.input_dtype)
-        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet)
         candidates = resolve_resume(self.run_dir, resume)
         if cfg.train.distributed == "deepspeed":
             self._refuse_other_world(candidates)
@@ -115,11 +124,18 @@ class Trainer:
         if self.resumed_from is not None:
             self._check_resumed_world()
             self.runner.restore_counters(bad_steps=self.state.bad_steps)
+            if cfg.train.distributed != "deepspeed":  # DeepSpeed's engine owns its optimiser (guarded keys refuse)
+                for change in apply_optim_config(self.optimizer, self.scheduler, cfg.optim):
+                    log.warning("resume applies the new config: %s", change)
             log.info("resumed from %s (step %d, epoch %d)", self.resumed_from, self.state.step, self.state.epoch)
+        # TensorBoard drops what an earlier attempt logged after the resumed step (it is being trained again)
+        self.logger = RunLogger(cfg, self.run_dir, acc, self.class_names, quiet=quiet, total_steps=self.total_steps,
+                                purge_step=self.state.step + 1 if self.resumed_from is not None else None)
         self.logger.restart_clock()  # building the streams and loading a checkpoint are not training time
         self.stop = StopAgreement(acc.num_processes)
         self.faults = FaultInjection.from_env(acc.process_index)
-        self._stopping = False
+        self._stopping = 0  # the agreed StopAgreement reason once the ranks stop early
+        self._first_interrupt_at = None
         self._last_checkpoint_step = self.state.step if self.resumed_from is not None else -1
 
     def _refuse_other_world(self, candidates) -> None:
@@ -147,7 +163,9 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        if self.accelerator.is_main_process:
+            clear_preempted(self.run_dir)  # this run is training again: no longer a pre-empted one
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             result = self._run()
             # every rank got here at the same step: finish the last stop all-reduce (skipped after an error, when
@@ -155,7 +173,8 @@ class Trainer:
             self.stop.close()
             return result
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             self.logger.close()
 
     def _run(self) -> dict:
@@ -195,8 +214,9 @@ class Trainer:
                 self._checkpoint()
                 self.logger.restart_clock()
             self.faults.after_step(st.step)
-            if self.stop.should_stop():  # every rank, every step: the ranks agree on the step they stop at
-                self._stopping = True
+            reason = self.stop.should_stop()  # every rank, every step: the ranks agree on the step they stop at
+            if reason:
+                self._stopping = reason
                 return False
             if self._done():
                 return False
@@ -209,18 +229,18 @@ class Trainer:
             lrs["lr/meta"] = self.reweighter.optimizer.param_groups[0]["lr"]
         return lrs
 
-    def _sync_logs(self, flags: dict | None = None) -> dict[str, float]:
+    def _sync_logs(self, flags: dict | None = None, publish: bool = False) -> dict[str, float]:
         """Drain the per-step buffers into the state (the one place the hot loop syncs with the device)."""
-        reduced = self.logger.flush_steps(self.state, self._lrs(), flags)
+        reduced = self.logger.flush_steps(self.state, self._lrs(), flags, publish=publish)
         self.state.bad_steps = int(self.runner.bad_steps)
         return reduced
 
-    def _flush_logs(self) -> None:
+    def _flush_logs(self, publish: bool = True) -> None:
         # a bad batch may be bad on one rank only (the loss is rank-local): stop on every rank or on none, or the
         # stopping rank's checkpoint collective would wait for ranks that went on training. The flag rides in the
         # logger's one all-reduce (mean over ranks > 0 <=> some rank hit the limit).
         too_many = (self.runner.max_consecutive_bad >= self.cfg.train.max_bad_steps).float()
-        reduced = self._sync_logs({"too_many_bad": too_many})
+        reduced = self._sync_logs({"too_many_bad": too_many}, publish=publish)
         st = self.state
         if reduced["too_many_bad"] > 0:
             # skipped steps never touched the weights, so the current state *is* the last good one
@@ -231,7 +251,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         cfg, st = self.cfg, self.state
-        self._flush_logs()
+        self._flush_logs(publish=st.step % cfg.logging.every_steps == 0)  # TensorBoard points at regular steps only
         last = st.epoch + 1 >= cfg.train.epochs or self._done()
         if last or (st.epoch + 1) % cfg.eval.every_epochs == 0:
             # history holds one record per *evaluated* epoch; its train losses cover the steps since the previous one
@@ -269,19 +289,41 @@ class Trainer:
                         before_rename=self.faults.before_rename(self.state.step))
         self._last_checkpoint_step = self.state.step
 
-    def _on_sigterm(self, signum, frame) -> None:
-        # only set a flag: the loop checkpoints at a step boundary all ranks agree on, where the state is consistent
-        log.warning("SIGTERM received: checkpointing at the next step boundary and exiting")
-        self.stop.request()
+    def _on_signal(self, signum, frame) -> None:
+        # only set a flag: the loop checkpoints at a step boundary all ranks agree on, where the state is consistent.
+        # SLURM signals every process, and the launcher forwards the signal again: say it once per rank.
+        reason = StopAgreement.INT if signum == signal.SIGINT else StopAgreement.TERM
+        now = time.monotonic()
+        if reason == StopAgreement.INT and self._first_interrupt_at is not None:
+            if now - self._first_interrupt_at > _SECOND_INTERRUPT_AFTER_S:
+                sys.stderr.write("metaloss: second Ctrl-C: exiting now, without a checkpoint of the steps since the "
+                                 "last one\n")
+                sys.stderr.flush()
+                os._exit(130)  # at once: no cleanup that could block on the other ranks or the loader workers
+            return
+        if reason == StopAgreement.INT:
+            self._first_interrupt_at = now
+            log.warning("Ctrl-C: checkpointing at the next step boundary, then exiting (Ctrl-C again to exit now)")
+        elif not self.stop.local:
+            log.warning("SIGTERM received: checkpointing at the next step boundary and exiting")
+        self.stop.request(reason)
 
     def _preempted(self) -> dict:
         self._flush_logs()
         if self._last_checkpoint_step != self.state.step:
             self._checkpoint()
+        name = _SIGNAL_NAMES[self._stopping]
         if self.accelerator.is_main_process:
-            log.warning("pre-empted: checkpointed step %d in %s; continue with --resume auto", self.state.step,
-                        self.run_dir / "checkpoints")
-        return {"preempted": True, "step": self.state.step}
+            ckpts = self.run_dir / "checkpoints"
+            if self._stopping == StopAgreement.TERM:
+                # both a pre-empted and a finished run exit 0: the marker tells a requeue script which one it was
+                mark_preempted(self.run_dir, self.state.step)
+                log.warning("pre-empted (SIGTERM): checkpointed step %d in %s and left %s; continue with "
+                            "--resume auto", self.state.step, ckpts, ckpts / "PREEMPTED")
+            else:
+                log.warning("interrupted (Ctrl-C): checkpointed step %d in %s; continue with --resume auto",
+                            self.state.step, ckpts)
+        return {"preempted": True, "step": self.state.step, "signal": name}
 
     def _finish(self) -> dict:
         st = self.state

@@ -20,6 +20,7 @@ import torch
 from common.atomic import atomic_write, atomic_write_text
 
 from trainer.config import config_to_dict
+from trainer.engine.accel import run_environment
 from trainer.observability.step_clock import IdleClock
 from trainer.observability.tb_logging import DeviceScalarBuffer, TBLogger
 
@@ -29,12 +30,20 @@ _STEP_KEYS = ("train_loss", "weighted_loss", "meta_loss", "w_mean", "w_std", "w_
 
 
 class RunLogger:
-    def __init__(self, cfg, run_dir: Path, accelerator, class_names: list[str], *, quiet: bool = False):
+    def __init__(self, cfg, run_dir: Path, accelerator, class_names: list[str], *, quiet: bool = False,
+                 purge_step: int | None = None, total_steps: int = 0):
         self.cfg, self.run_dir, self.acc, self.class_names = cfg, Path(run_dir), accelerator, class_names
         self.is_main = accelerator.is_main_process
         self.tb = TBLogger(self.run_dir / "tb", enabled=self.is_main and cfg.logging.tensorboard,
-                           class_names=class_names)
-        self.show_progress = self.is_main and cfg.logging.progress and not quiet and sys.stderr.isatty()
+                           class_names=class_names, purge_step=purge_step)
+        progress = self.is_main and cfg.logging.progress and not quiet
+        self.show_progress = progress and sys.stderr.isatty()
+        # a log file (SLURM, `make demo > log`) gets a line per logging interval instead of a redrawn bar
+        self.progress_lines = progress and not sys.stderr.isatty()
+        self.total_steps = total_steps
+        self.environment = run_environment(cfg, accelerator)
+        self.pending_rows: list[dict] = []  # drained steps not yet published (a checkpoint came between intervals)
+        self.pending_s = 0.0
         self.buffer = DeviceScalarBuffer()
         self.weights: list[torch.Tensor] = []  # the last interval's meta weights, for the histogram
         self.weight_labels: list[torch.Tensor] = []
@@ -109,29 +118,41 @@ class RunLogger:
     def _reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         return self.acc.reduce(stacked, reduction="mean") if self.acc.num_processes > 1 else stacked
 
-    def flush_steps(self, state, lrs: dict[str, float], flags: dict[str, torch.Tensor] | None = None
-                    ) -> dict[str, float]:
+    def flush_steps(self, state, lrs: dict[str, float], flags: dict[str, torch.Tensor] | None = None, *,
+                    publish: bool = True) -> dict[str, float]:
         """Logging interval: reduce across ranks, copy to host once, append to history, write TensorBoard.
 
         ``flags`` (0-dim device tensors) ride in the same all-reduce and come back as their mean over ranks, so
-        the trainer's cross-rank decisions cost no collective of their own."""
+        the trainer's cross-rank decisions cost no collective of their own. ``publish=False`` (a checkpoint or an
+        epoch end between two logging steps) only drains the buffers into the history the checkpoint needs;
+        TensorBoard and the progress line keep one point per ``logging.every_steps``, at regular steps, averaged
+        over all the steps since the last point."""
         for name, value in (flags or {}).items():
             self.buffer.add(f"flag/{name}", value)
-        if not self.steps:
-            values = self.buffer.drain(reduce=self._reduce)
-            return {name: values[f"flag/{name}"][0] for name in flags or {}}
         values = self.buffer.drain(reduce=self._reduce)
         reduced_flags = {name: values.pop(f"flag/{name}")[0] for name in flags or {}}
-        per_step: dict[int, dict] = {s: {"step": s} for s in self.steps}
-        for key, vals in values.items():
-            for step, v in zip(self.stat_steps[key], vals):
-                per_step[step][key] = v
-        elapsed = time.perf_counter() - self.t_interval  # real: the drain's copy above waited for the device
+        if self.steps:
+            per_step: dict[int, dict] = {s: {"step": s} for s in self.steps}
+            for key, vals in values.items():
+                for step, v in zip(self.stat_steps[key], vals):
+                    per_step[step][key] = v
+            rows = [per_step[s] for s in self.steps]
+            state.step_history.extend({k: r.get(k) for k in ("step",) + _STEP_KEYS} for r in rows)
+            self._check_collapse(rows)
+            elapsed = time.perf_counter() - self.t_interval  # real: the drain's copy above waited for the device
+            state.train_seconds += elapsed
+            self.pending_rows += rows
+            self.pending_s += elapsed
+            self.steps, self.stat_steps = [], {}
+            self.t_interval = time.perf_counter()
+        if publish and self.pending_rows:
+            self._publish(state, lrs)
+        return reduced_flags
+
+    def _publish(self, state, lrs: dict[str, float]) -> None:
+        rows, elapsed = self.pending_rows, self.pending_s
         img_s = self.images / max(elapsed, 1e-9)
-        rows = [per_step[s] for s in self.steps]
-        state.step_history.extend({k: r.get(k) for k in ("step",) + _STEP_KEYS} for r in rows)
-        self._check_collapse(rows)
-        last = self.steps[-1]
+        last = rows[-1]["step"]
         scalars = {f"train/{'loss' if k == 'train_loss' else k}": float(np.mean([r[k] for r in rows if k in r]))
                    for k in ("train_loss", "weighted_loss") if any(k in r for r in rows)}
         for k in ("meta_loss", "w_mean", "w_std", "w_min", "w_max"):
@@ -145,6 +166,8 @@ class RunLogger:
         if self.acc.device.type == "cuda":
             scalars["perf/gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         scalars.update(lrs)
+        # an x-axis that means the same for any world size: curves of 1 and 8 ranks line up against it
+        scalars["progress/images_seen"] = float(state.images_seen)
         self.intervals.append({"step": last, "steps": len(rows), "img_per_s": img_s,
                                "data_wait_frac": scalars["perf/data_wait_frac"]})
         self.tb.scalars(last, scalars)
@@ -152,13 +175,20 @@ class RunLogger:
             self._weight_histograms(last)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{img_s:.0f}")
-        state.train_seconds += elapsed
-        self.steps, self.weights, self.weight_labels, self.stat_steps = [], [], [], {}
+        if self.progress_lines:
+            self._progress_line(state, last, scalars.get("train/loss"), img_s, elapsed / len(rows))
+        self.pending_rows, self.pending_s = [], 0.0
+        self.weights, self.weight_labels = [], []
         self.wait_s = self.step_s = 0.0
         self.images = 0
-        self.t_interval = time.perf_counter()
         self.idle.restart()
-        return reduced_flags
+
+    def _progress_line(self, state, step: int, loss, img_s: float, s_per_step: float) -> None:
+        total = self.total_steps or step
+        eta = max(total - step, 0) * s_per_step
+        log.info("step %d/%d | epoch %d/%d | loss %s | %.1f img/s | ETA %s", step, total, state.epoch + 1,
+                 self.cfg.train.epochs, "n/a" if loss is None else f"{loss:.4f}", img_s,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f} h")
 
     def _weight_histograms(self, step: int) -> None:
         w = torch.cat(self.weights).float().cpu()
@@ -212,7 +242,7 @@ class RunLogger:
             "run": self.cfg.run.name, "num_classes": self.cfg.model.num_classes, "class_names": self.class_names,
             "loss": self.cfg.train.loss, "test": test, "history": state.history, "step_history": state.step_history,
             "train_img_per_s": img_s, "steps": state.step, "wall_s": state.train_seconds,
-            "bad_steps": state.bad_steps,
+            "bad_steps": state.bad_steps, **self.environment,
         }
         w_means = [r["w_mean"] for r in state.step_history if r.get("w_mean") is not None and np.isfinite(r["w_mean"])]
         if w_means:  # what a CE control scales its learning rate by (`metaloss train --control-of`)

@@ -48,7 +48,9 @@ _EVAL_SCALARS = ("accuracy", "macro_f1", "weighted_f1", "qwk")
 
 
 class TBLogger:
-    def __init__(self, log_dir, *, enabled: bool, class_names: Sequence[str]):
+    def __init__(self, log_dir, *, enabled: bool, class_names: Sequence[str], purge_step: int | None = None):
+        """``purge_step``: on resume, the first step trained again; TensorBoard hides every event an earlier
+        attempt wrote at that step or later, so a step logged before the crash and again after it shows once."""
         self.class_names = list(class_names)
         self.enabled = bool(enabled)
         self._writer = None
@@ -56,7 +58,7 @@ class TBLogger:
             # Imported lazily so disabled ranks never load the tensorboard package.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(Path(log_dir)))
+            self._writer = SummaryWriter(log_dir=str(Path(log_dir)), purge_step=purge_step)
 
     # A closed or disabled logger is a no-op rather than an error: shutdown paths may log after close().
     @property

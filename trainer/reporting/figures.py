@@ -105,18 +105,17 @@ def plot_val_accuracy(series: Mapping[str, tuple], path: Path) -> Path:
 
 
 def plot_meta_loss(series: Mapping[str, tuple], path: Path) -> Path:
-    """(c) meta-validation loss. ``series[label] = (steps, loss, source)``, source "meta" (logged every step) or
-    "val" (validation loss at each epoch's last step, for runs without a meta step); one step axis for both."""
+    """(c) loss on the whole meta-validation split, evaluated at each epoch's end: ``series[label] = (epochs,
+    loss)``. The same quantity for every run -- a meta run's per-step meta-*batch* loss (taken at the look-ahead
+    weights, on one batch) is not comparable with it, so it is not drawn here."""
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
-    for label, (steps, loss, source) in series.items():
-        if source == "val":
-            ax.plot(steps, loss, marker="o", linestyle="--", label=f"{label} (val loss per epoch)")
-        else:
-            ax.plot(steps, loss, label=f"{label} (meta loss per step)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("meta-validation loss")
-    ax.set_title("Meta-validation loss over training")
+    for label, (epochs, loss) in series.items():
+        ax.plot(epochs, loss, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("meta-validation split loss")
+    ax.set_title("Meta-validation split loss per epoch")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -148,6 +147,19 @@ def plot_class_recall(recalls: Mapping[str, Sequence[float]], class_names: Seque
 
 
 
+def validation_loss_series(runs) -> tuple[dict[str, tuple], list[str]]:
+    """Figure (c)'s data: each run's loss on the meta-validation split at each epoch end ({label: (epochs, loss)})
+    and a note per run that has none."""
+    series, notes = {}, []
+    for r in runs:
+        epochs = [e for e in r.metrics["history"] if e["val"].get("loss") is not None]
+        if epochs:
+            series[r.label] = ([e["epoch"] for e in epochs], [e["val"]["loss"] for e in epochs])
+        else:
+            notes.append(f"{r.label} has no per-epoch validation loss; skipped.")
+    return series, notes
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "run"
 
@@ -177,19 +189,8 @@ def draw_report_figures(runs, fig_dir: Path) -> list[tuple[str, Path | None, lis
     out.append(("(b) Validation accuracy per epoch",
                 plot_val_accuracy(acc, fig_dir / "val_accuracy.png") if acc else None, notes))
 
-    loss, notes = {}, []
-    for r in runs:
-        steps = [e for e in r.metrics["step_history"] if e.get("meta_loss") is not None]
-        epochs = [e for e in r.metrics["history"] if e["val"].get("loss") is not None]
-        if steps:
-            loss[r.label] = ([e["step"] for e in steps], [e["meta_loss"] for e in steps], "meta")
-        elif epochs:
-            # placed at each epoch's last step so both kinds of run share the step axis
-            loss[r.label] = ([e["step"] for e in epochs], [e["val"]["loss"] for e in epochs], "val")
-            notes.append(f"{r.label} logged no per-step meta loss; its validation loss per epoch is shown.")
-        else:
-            notes.append(f"{r.label} has neither meta_loss nor val loss; skipped.")
-    out.append(("(c) Meta-validation loss over training",
+    loss, notes = validation_loss_series(runs)
+    out.append(("(c) Meta-validation split loss per epoch (every run evaluated the same way)",
                 plot_meta_loss(loss, fig_dir / "meta_loss.png") if loss else None, notes))
 
     recalls = {r.label: r.test["per_class_recall"] for r in runs}

@@ -22,6 +22,7 @@ import numpy as np
 
 from trainer.comparison.control import read_control_record
 from trainer.reporting import figures
+from trainer.reporting.comparable import same_test_set, test_set_warning  # noqa: F401 -- test_set_warning: CLI
 from trainer.reporting.clinical_report import clinical_table_markdown
 from trainer.metrics import confusion_matrix, metrics_from_confusion
 from common.errors import UserError
@@ -51,9 +52,7 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-# ---------------------------------------------------------------------------------------------------- readers
-
-
+# --- readers
 def _check_metric_block(block, where: str, k: int, problems: list[str]) -> None:
     if not isinstance(block, dict):
         problems.append(f"'{where}' must be an object, got {type(block).__name__}")
@@ -226,9 +225,7 @@ def _as_runs(runs) -> list[RunResult]:
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- bootstrap
-
-
+# --- bootstrap
 def _resample_indices(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Chunks of bootstrap index rows; the same (n, n_boot, seed) always yields the same rows in the same order."""
     rng = np.random.default_rng(seed)
@@ -287,9 +284,7 @@ def bootstrap_report_cis(y_true, y_pred, num_classes: int, n_boot: int, seed: in
     return {"accuracy": cis[0], "macro_f1": cis[1], "per_class_recall": cis[2:]}
 
 
-# ---------------------------------------------------------------------------------------------------- Markdown
-
-
+# --- Markdown
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
@@ -320,7 +315,7 @@ def table_one_markdown(runs) -> str:
     ``runs`` are ``RunResult``s or run dirs."""
     runs = _as_runs(runs)
     rows = [[r.label, r.metrics["loss"], *(_f(r.test[key]) for key, _ in _TABLE_ONE_COLS)] for r in runs]
-    if len(runs) == 2:
+    if len(runs) == 2 and same_test_set(runs):
         a, b = runs
         rows.append(["B − A", "", *(_d(b.test[key] - a.test[key]) for key, _ in _TABLE_ONE_COLS)])
     return _table(["Run", "Loss", *(title for _, title in _TABLE_ONE_COLS)], rows, right_from=2)
@@ -329,14 +324,15 @@ def table_one_markdown(runs) -> str:
 def table_two_markdown(runs) -> str:
     """Table II: per-class support and test recall per run (+ "B − A" column for two runs)."""
     runs = _as_runs(runs)
+    diff_col = len(runs) == 2 and same_test_set(runs)
     same_support = all(r.test["support"] == runs[0].test["support"] for r in runs)
     support_cols = ["Support"] if same_support else [f"Support {r.label}" for r in runs]
-    header = ["Class", *support_cols, *(f"Recall {r.label}" for r in runs)] + (["B − A"] if len(runs) == 2 else [])
+    header = ["Class", *support_cols, *(f"Recall {r.label}" for r in runs)] + (["B − A"] if diff_col else [])
     rows = []
     for c, name in enumerate(runs[0].class_names):
         supports = [runs[0].test["support"][c]] if same_support else [r.test["support"][c] for r in runs]
         recalls = [r.test["per_class_recall"][c] for r in runs]
-        diff = [_d(recalls[1] - recalls[0])] if len(runs) == 2 else []
+        diff = [_d(recalls[1] - recalls[0])] if diff_col else []
         rows.append([name, *(str(int(s)) for s in supports), *(_f(x) for x in recalls), *diff])
     return _table(header, rows, right_from=1)
 
@@ -352,9 +348,7 @@ def ci_table_markdown(runs, n_boot: int = 1000, seed: int = 0, alpha: float = 0.
     return _table(["Metric", *(r.label for r in runs)], rows, right_from=1)
 
 
-# ---------------------------------------------------------------------------------------------------- report
-
-
+# --- report
 def _run_summary(r: RunResult) -> str:
     m = r.metrics
     parts = [f"loss `{m['loss']}`", f"test n = {m['test']['n']}"]
@@ -378,7 +372,10 @@ def write_report(run_dirs: list[Path], out: Path | None = None, *, n_boot: int =
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.parent / "figures"
     lines = ["# metaloss report", "", "## Runs", "", *(_run_summary(r) for r in runs), ""]
-    if len(runs) == 2:
+    warning = test_set_warning(runs)
+    if warning:
+        lines += [f"**Warning:** {warning}.", ""]
+    elif len(runs) == 2:
         lines += ["Differences are **B − A** (the last run minus the first).", ""]
     lines += ["## Table I — test metrics", "", table_one_markdown(runs), "",
               "## Table II — per-class test recall", "", table_two_markdown(runs), "",
