@@ -325,13 +325,19 @@ class Trainer:
                             self.state.step, ckpts)
         return {"preempted": True, "step": self.state.step, "signal": name}
 
+    def evaluate_final_test(self):
+        """The run's headline test evaluation: metrics plus, on the main process, bootstrap intervals for the
+        clinical numbers (computed once here, not at every evaluation: 1000 resamples)."""
+        test, pred = self._evaluate("test")
+        if len(pred.labels) and self.accelerator.is_main_process:
+            test["ci95"] = bootstrap_clinical(pred.labels, pred.probs, self.cfg.model.num_classes,
+                                              self.cfg.eval.referable_from)
+        return test, pred
+
     def _finish(self) -> dict:
         st = self.state
         self._flush_logs()
-        test, pred = self._evaluate("test")
-        if len(pred.labels) and self.accelerator.is_main_process:  # intervals for the headline clinical numbers: once, on the final test evaluation
-            test["ci95"] = bootstrap_clinical(pred.labels, pred.probs, self.cfg.model.num_classes,
-                                              self.cfg.eval.referable_from)
+        test, pred = self.evaluate_final_test()
         # the select split (4-way data.split_fractions): what a study chooses settings by, never the test split
         select = self._evaluate("select")[0] if "select" in self.streams.eval else None
         metrics = self.logger.finish(st, test, pred, self.splits["test"], select=select)

@@ -3,7 +3,7 @@
     [torchrun --nproc_per_node N] tests/distributed/dist_scripts/evaluate_checkpoint.py OUT_JSON CHECKPOINT CONFIG [key=value ...]
 
 Builds the Trainer exactly as training does (a new run dir named by run.name, the same split), loads CHECKPOINT, runs
-``Trainer.evaluate("test")`` and has the main process write {"metrics", "ids", "labels", "probs"} to OUT_JSON.
+the run's final test evaluation (``Trainer.evaluate_final_test``) and has the main process write {"metrics", "ids", "labels", "probs"} to OUT_JSON.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main() -> int:
 
     setup_logging()
     trainer = Trainer(load_config(config, overrides), resume=checkpoint, quiet=True)
-    metrics, pred = trainer.evaluate("test")
+    metrics, pred = trainer.evaluate_final_test()
     if trainer.accelerator.is_main_process:
         with open(out_json, "w") as f:
             json.dump({"world": trainer.accelerator.num_processes, "metrics": metrics, "ids": pred.ids.tolist(),
