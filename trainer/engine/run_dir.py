@@ -15,7 +15,7 @@ from data_pipeline.settings import DataSettings
 from data_pipeline.splits import load_or_make_splits, with_meta_in_train
 
 from trainer.config import Config, config_to_dict, diff_configs, save_config
-from trainer.engine.checkpoint import list_checkpoints
+from trainer.engine.checkpoint import checkpoint_dir
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,26 @@ def _absent(tree: dict, dotted: str) -> bool:
     return not isinstance(node, dict) or leaf not in node
 
 
+# What a start writes before its first checkpoint. A directory holding anything else (a user's files, a run.name
+# pointed at the wrong folder, outputs of a later tool) is not recognised as a failed start and is never deleted.
+_FAILED_START_ENTRIES = frozenset({"config.yaml", "splits.csv", "preprocessing.json", "control.json", "tb",
+                                   "checkpoints"})
+
+
 def is_failed_start(run_dir: Path) -> bool:
     """A run dir with no complete checkpoint and no finished metrics holds nothing to continue or keep: an earlier
-    start failed (a typo in data.root, a missing file) before it trained anything worth saving."""
-    return run_dir.is_dir() and not list_checkpoints(run_dir) and not (run_dir / "metrics.json").exists()
+    start failed (a typo in data.root, a missing file) before it trained anything worth saving.
+
+    Only a directory that the trainer demonstrably wrote counts (its config.yaml, nothing but start-up artefacts,
+    and in checkpoints/ only partial saves), because the caller deletes it."""
+    if not (run_dir / "config.yaml").is_file() or (run_dir / "metrics.json").exists():
+        return False
+    if any(p.name not in _FAILED_START_ENTRIES for p in run_dir.iterdir()):
+        return False
+    ckpts = checkpoint_dir(run_dir)
+    if ckpts.is_dir() and any(not p.name.startswith(".tmp-step_") for p in ckpts.iterdir()):
+        return False  # step_* dirs (complete or not), a PREEMPTED marker, anything else: keep, let the user decide
+    return True
 
 
 def prepare_run_dir(cfg: Config, *, is_main: bool, resume: bool, overwrite: bool, force: bool = False,
