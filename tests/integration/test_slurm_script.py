@@ -14,21 +14,26 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE_SRUN = """#!/bin/bash
 echo "GLOO=${GLOO_SOCKET_IFNAME:-} NCCL=${NCCL_SOCKET_IFNAME:-}" >> "$FAKE_LOG"
 echo "srun $*" >> "$FAKE_LOG"
+if [ "${FAKE_EXEC:-0}" = 1 ]; then shift; "$@" || exit $?; fi
 if [ "${FAKE_PREEMPT:-0}" = 1 ]; then mkdir -p "$FAKE_RUN_DIR/checkpoints" && echo '{}' > "$FAKE_RUN_DIR/checkpoints/PREEMPTED"; fi
 exit "${FAKE_RC:-0}"
+"""
+# accelerate stand-in (FAKE_EXEC=1 runs the step's command): one argument a line, as the launcher received them
+FAKE_ACCELERATE = """#!/bin/bash
+printf 'arg:%s\\n' "$@" >> "$FAKE_LOG"
 """
 FAKE_SCONTROL = """#!/bin/bash
 if [ "$1" = show ]; then echo node1; echo node2; else echo "scontrol $*" >> "$FAKE_LOG"; fi
 """
 
 
-def _run(tmp_path, *, preempt=False, rc=0, stale_marker=False, env=None):
+def _run(tmp_path, *, preempt=False, rc=0, stale_marker=False, env=None, name="job"):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    run_dir = tmp_path / "runs" / "job"
+    for tool, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
+        (bin_dir / tool).write_text(text)
+        (bin_dir / tool).chmod(0o755)
+    run_dir = tmp_path / "runs" / name
     if stale_marker:
         (run_dir / "checkpoints").mkdir(parents=True)
         (run_dir / "checkpoints" / "PREEMPTED").write_text("{}")
@@ -36,13 +41,13 @@ def _run(tmp_path, *, preempt=False, rc=0, stale_marker=False, env=None):
     log.write_text("")
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable,
                 "PYTHONPATH": str(REPO), "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
-                "SLURM_JOB_ID": "4242", "FAKE_LOG": str(log), "FAKE_RUN_DIR": str(run_dir),
+                "SLURM_JOB_ID": "4242", "SLURM_NODEID": "0", "FAKE_LOG": str(log), "FAKE_RUN_DIR": str(run_dir),
                 "FAKE_PREEMPT": str(int(preempt)), "FAKE_RC": str(rc), **(env or {})}
     for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "SOCKET_IFNAME"):
         if key not in (env or {}):
             full_env.pop(key, None)
     proc = subprocess.run(["bash", "launch/slurm/train.sbatch", "configs/demo.yaml",
-                           f"run.out_dir={tmp_path / 'runs'}", "run.name=job"], cwd=REPO, env=full_env,
+                           f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}"], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=60)
     return proc, log.read_text()
 
@@ -75,3 +80,13 @@ def test_the_job_asks_for_the_signal_before_the_time_limit_and_may_be_requeued()
                   if line.startswith("#SBATCH ")}
     # TERM to the job step's processes (not only the batch shell: no "B:") 120 s before the limit
     assert {"--signal=TERM@120", "--requeue", "--open-mode=append"} <= directives
+
+
+def test_an_override_with_a_space_reaches_the_trainer_as_one_argument(tmp_path):
+    # the step's command is re-parsed by `bash -c`: unquoted, "run.name=my job" became two arguments there
+    proc, log = _run(tmp_path, preempt=True, env={"FAKE_EXEC": "1"}, name="my job")
+    assert proc.returncode == 0, proc.stderr
+    args = [line[4:] for line in log.splitlines() if line.startswith("arg:")]
+    assert args[args.index("launch.train") + 1:] == ["configs/demo.yaml", f"run.out_dir={tmp_path / 'runs'}",
+                                                      "run.name=my job", "--resume", "auto"]
+    assert "scontrol requeue 4242" in log  # the marker under the spaced run dir was found
