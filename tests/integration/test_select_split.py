@@ -13,20 +13,13 @@ import pytest
 from accelerate.state import AcceleratorState
 
 from tests.support.cli import tiny_overrides
-from data_pipeline.records import DataError, Record
+from tests.support.split_records import CLASS_COUNTS, records_per_class
+from data_pipeline.records import DataError
 from data_pipeline.splits import SPLITS, SPLITS_WITH_SELECT, load_or_make_splits, make_splits, read_splits, write_splits
 from trainer.config import ConfigError, config_from_dict, load_config
 from trainer.engine.run_dir import RunDirError, check_resume_config, stream_tables
 
 FOUR = (0.60, 0.15, 0.10, 0.15)
-CLASS_COUNTS = (100, 20, 50, 10, 15)
-
-
-def _records(counts=CLASS_COUNTS) -> list[Record]:
-    out = []
-    for label, n in enumerate(counts):
-        out += [Record(f"/data/img_{label}_{i:03d}.png", label, f"id{label}_{i:03d}") for i in range(n)]
-    return out
 
 
 def _digest(splits) -> str:
@@ -40,7 +33,7 @@ def _digest(splits) -> str:
     (0, "11c6f5ad57f9be5e87c98aede8de9cbaae0333b3e7c925cf8f450564db75cda6"),
     (5, "c09a55465f63ceb8cd74f6b7c65dd43fa6794ff508a9e5749c92974426bd7506")])
 def test_three_fractions_give_exactly_the_split_they_always_gave(seed, digest):
-    splits = make_splits(_records(), (0.70, 0.15, 0.15), seed=seed)
+    splits = make_splits(records_per_class(), (0.70, 0.15, 0.15), seed=seed)
     assert tuple(splits) == SPLITS  # no select key at all
     assert _digest(splits) == digest
 
@@ -54,7 +47,7 @@ def test_an_existing_three_way_splits_csv_reads_back_without_a_select_split(tmp_
 
 
 def test_four_fractions_stratify_every_class_into_four_disjoint_splits():
-    records = _records()
+    records = records_per_class()
     splits = make_splits(records, FOUR, seed=0)
     assert tuple(splits) == SPLITS_WITH_SELECT
     ids = [r.source_id for s in SPLITS_WITH_SELECT for r in splits[s]]
@@ -67,7 +60,7 @@ def test_four_fractions_stratify_every_class_into_four_disjoint_splits():
 
 
 def test_four_way_split_round_trips_through_splits_csv_and_is_reused(tmp_path):
-    records = _records()
+    records = records_per_class()
     first = load_or_make_splits(tmp_path, records, FOUR, seed=0, num_classes=5)
     text = (tmp_path / "splits.csv").read_text()
     assert ",select\n" in text
@@ -77,9 +70,9 @@ def test_four_way_split_round_trips_through_splits_csv_and_is_reused(tmp_path):
 
 
 def test_a_class_too_small_for_four_splits_is_named():
-    make_splits(_records((30, 4, 30, 10, 10)), FOUR, seed=0)  # 4 is enough: one each
+    make_splits(records_per_class((30, 4, 30, 10, 10)), FOUR, seed=0)  # 4 is enough: one each
     with pytest.raises(DataError, match=r"1_mild.*3 sample.*at least 4.*select"):
-        make_splits(_records((30, 3, 30, 10, 10)), FOUR, seed=0)
+        make_splits(records_per_class((30, 3, 30, 10, 10)), FOUR, seed=0)
 
 
 def test_config_takes_three_or_four_fractions_only():
@@ -95,7 +88,7 @@ def test_config_takes_three_or_four_fractions_only():
 
 @pytest.mark.parametrize("loss", ["ce", "weighted_ce", "ldam", "meta"])
 def test_baselines_use_meta_split_adds_meta_to_train_for_fixed_losses_only(loss):
-    splits = make_splits(_records(), FOUR, seed=0)
+    splits = make_splits(records_per_class(), FOUR, seed=0)
     on = stream_tables(config_from_dict({"data": {"baselines_use_meta_split": True}, "train": {"loss": loss}}), splits)
     off = stream_tables(config_from_dict({"train": {"loss": loss}}), splits)
     assert off == splits

@@ -5,21 +5,12 @@ import random
 
 import pytest
 
-from data_pipeline.records import DataError, Record
+from data_pipeline.records import DataError
 from data_pipeline.splits import (SPLITS, allocate_largest_remainder, load_or_make_splits, make_splits, read_splits,
                                   write_splits)
+from tests.support.split_records import CLASS_COUNTS, records_per_class
 
 FRACTIONS = (0.70, 0.15, 0.15)
-# Big enough that the "at least one per split" rule never binds (n * 0.15 >= 1.5), so every count must sit within
-# one sample of its quota.
-CLASS_COUNTS = (100, 20, 50, 10, 15)
-
-
-def _records(counts=CLASS_COUNTS) -> list[Record]:
-    out = []
-    for label, n in enumerate(counts):
-        out += [Record(f"/data/img_{label}_{i:03d}.png", label, f"id{label}_{i:03d}") for i in range(n)]
-    return out
 
 
 def _ids(splits) -> dict[str, list[str]]:
@@ -27,7 +18,7 @@ def _ids(splits) -> dict[str, list[str]]:
 
 
 def test_each_class_is_split_within_one_sample_of_its_target():
-    splits = make_splits(_records(), FRACTIONS, seed=0, num_classes=5)
+    splits = make_splits(records_per_class(), FRACTIONS, seed=0, num_classes=5)
     assert set(splits) == set(SPLITS)
     for label, n in enumerate(CLASS_COUNTS):
         got = [sum(r.label == label for r in splits[s]) for s in SPLITS]
@@ -37,7 +28,7 @@ def test_each_class_is_split_within_one_sample_of_its_target():
 
 
 def test_splits_are_disjoint_and_cover_every_record_once():
-    records = _records()
+    records = records_per_class()
     splits = make_splits(records, FRACTIONS, seed=3)
     ids = [r.source_id for s in SPLITS for r in splits[s]]
     assert len(ids) == len(set(ids)) == len(records)
@@ -47,9 +38,9 @@ def test_splits_are_disjoint_and_cover_every_record_once():
 
 
 def test_same_seed_same_split_other_seed_different_split():
-    a = make_splits(_records(), FRACTIONS, seed=7)
-    b = make_splits(_records(), FRACTIONS, seed=7)
-    c = make_splits(_records(), FRACTIONS, seed=8)
+    a = make_splits(records_per_class(), FRACTIONS, seed=7)
+    b = make_splits(records_per_class(), FRACTIONS, seed=7)
+    c = make_splits(records_per_class(), FRACTIONS, seed=8)
     assert _ids(a) == _ids(b)
     assert _ids(a) != _ids(c)
     # Still the same sizes: a different seed only changes which images go where.
@@ -57,28 +48,28 @@ def test_same_seed_same_split_other_seed_different_split():
 
 
 def test_split_does_not_depend_on_input_order():
-    records = _records()
+    records = records_per_class()
     shuffled = records[:]
     random.Random(1).shuffle(shuffled)
     assert _ids(make_splits(records, FRACTIONS, seed=2)) == _ids(make_splits(shuffled, FRACTIONS, seed=2))
 
 
 def test_each_split_is_sorted_by_source_id():
-    splits = make_splits(_records(), FRACTIONS, seed=0)
+    splits = make_splits(records_per_class(), FRACTIONS, seed=0)
     for s in SPLITS:
         ids = [r.source_id for r in splits[s]]
         assert ids == sorted(ids)
 
 
 def test_class_of_exactly_three_puts_one_in_each_split():
-    splits = make_splits(_records((30, 3, 30, 3, 3)), FRACTIONS, seed=0)
+    splits = make_splits(records_per_class((30, 3, 30, 3, 3)), FRACTIONS, seed=0)
     for label in (1, 3, 4):
         assert [sum(r.label == label for r in splits[s]) for s in SPLITS] == [1, 1, 1]
 
 
 def test_too_small_class_error_names_class_count_and_empty_split():
     with pytest.raises(DataError) as exc:
-        make_splits(_records((30, 10, 30, 2, 10)), FRACTIONS, seed=0)
+        make_splits(records_per_class((30, 10, 30, 2, 10)), FRACTIONS, seed=0)
     msg = str(exc.value)
     assert "3_severe" in msg and "2 sample" in msg
     assert "meta" in msg and "test" in msg and "would have none" in msg
@@ -86,18 +77,18 @@ def test_too_small_class_error_names_class_count_and_empty_split():
 
 def test_missing_class_is_an_error_too():
     with pytest.raises(DataError, match="4_proliferative.*0 sample"):
-        make_splits(_records((30, 10, 30, 10, 0)), FRACTIONS, seed=0)
+        make_splits(records_per_class((30, 10, 30, 10, 0)), FRACTIONS, seed=0)
 
 
 @pytest.mark.parametrize("fractions", [(0.7, 0.3), (0.7, 0.3, 0.0), (0.5, 0.2, 0.2), (1.2, -0.1, -0.1)])
 def test_bad_fractions_are_refused(fractions):
     with pytest.raises(ValueError, match="fractions"):
-        make_splits(_records(), fractions)
+        make_splits(records_per_class(), fractions)
 
 
 def test_label_outside_num_classes_is_refused():
     with pytest.raises(DataError, match="outside 0..2"):
-        make_splits(_records((5, 5, 5, 5)), FRACTIONS, num_classes=3)
+        make_splits(records_per_class((5, 5, 5, 5)), FRACTIONS, num_classes=3)
 
 
 def test_largest_remainder_reproduces_exact_quotas_and_respects_minimum():
@@ -112,7 +103,7 @@ def test_largest_remainder_reproduces_exact_quotas_and_respects_minimum():
 
 
 def test_write_read_round_trip(tmp_path):
-    splits = make_splits(_records(), FRACTIONS, seed=0)
+    splits = make_splits(records_per_class(), FRACTIONS, seed=0)
     path = tmp_path / "run" / "splits.csv"
     write_splits(path, splits)
     assert path.read_text().splitlines()[0] == "path,label,source_id,split"
@@ -147,7 +138,7 @@ def test_read_splits_missing_column_or_empty_split(tmp_path):
 
 
 def test_load_or_make_splits_writes_once_then_reuses_unchanged(tmp_path):
-    records = _records()
+    records = records_per_class()
     first = load_or_make_splits(tmp_path, records, FRACTIONS, seed=0, num_classes=5)
     stored = (tmp_path / "splits.csv").read_bytes()
     # A resumed run with another seed (or re-ordered records) must still get the stored split.
@@ -158,6 +149,6 @@ def test_load_or_make_splits_writes_once_then_reuses_unchanged(tmp_path):
 
 
 def test_load_or_make_splits_refuses_stored_labels_beyond_num_classes(tmp_path):
-    load_or_make_splits(tmp_path, _records(), FRACTIONS, seed=0, num_classes=5)
+    load_or_make_splits(tmp_path, records_per_class(), FRACTIONS, seed=0, num_classes=5)
     with pytest.raises(DataError, match="outside 0..2"):
-        load_or_make_splits(tmp_path, _records(), FRACTIONS, seed=0, num_classes=3)
+        load_or_make_splits(tmp_path, records_per_class(), FRACTIONS, seed=0, num_classes=3)
