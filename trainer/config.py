@@ -19,7 +19,7 @@ from data_pipeline.readers.registry import FORMATS
 from trainer.components.loss_registry import LOSSES
 from trainer.meta.modes import DIRECTIONAL, GRANULARITIES, LOOKAHEAD_OPTIMIZERS, LOOKAHEADS, lagged_real_step_needs
 from common.errors import UserError
-from trainer.config_io import diff_configs, save_config  # noqa: F401 -- re-exported: callers import them from here
+from trainer.config_io import diff_configs, read_yaml, save_config  # noqa: F401 -- re-exported: callers import them from here
 
 
 class ConfigError(UserError, ValueError):
@@ -382,17 +382,9 @@ def config_from_dict(data: dict, overrides: Optional[list[str]] = None, *, sourc
 
 def load_config(path: Optional[str | Path], overrides: Optional[list[str]] = None) -> Config:
     """Dataclass defaults <- YAML file <- ``key.sub=value`` overrides."""
-    data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        return config_from_dict(data, overrides, source=str(p))
-    return config_from_dict(data, overrides)
+        return config_from_dict(read_yaml(path, ConfigError, "config file"), overrides, source=str(path))
+    return config_from_dict({}, overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:

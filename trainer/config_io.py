@@ -1,4 +1,5 @@
-"""Writing a resolved config and comparing two (resume safety): plain dicts and YAML, no config classes needed."""
+"""Reading a YAML file, writing a resolved config and comparing two (resume safety): plain dicts and YAML, no config
+classes needed."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+def read_yaml(path: str | Path, error: type[Exception], what: str) -> Any:
+    """The content of a YAML file (``{}`` when empty), or ``error`` in one line naming the file: ``what`` (e.g.
+    "config file") not found, or not valid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
 
 
 def save_config(cfg, path: str | Path, comment: str | None = None) -> None:

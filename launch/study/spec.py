@@ -35,6 +35,7 @@ import yaml
 from trainer.comparison.relevance import redundant_cell
 from trainer.comparison.selection import LOSS_KEY
 from trainer.config import ConfigError, load_config
+from trainer.config_io import read_yaml
 
 FRACTION_KEY = "data.train_fraction"
 _ALIASES = {"train_fraction": FRACTION_KEY}
@@ -118,12 +119,7 @@ def _list_of(data: dict, key: str, kind, default, where: str) -> list:
 
 def load_study(path: str | Path, out: str | Path | None = None) -> Study:
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise StudyError(f"{path}: not valid YAML: {e}") from None
+    data = read_yaml(path, StudyError, "study file")
     if not isinstance(data, dict):
         raise StudyError(f"{path}: a study file is a mapping with keys {', '.join(_TOP_KEYS)}")
     unknown = sorted(set(data) - set(_TOP_KEYS))

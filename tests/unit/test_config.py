@@ -111,3 +111,19 @@ def test_an_override_error_names_the_override_not_the_yaml(tmp_path):
     p.write_text("optim:\n  lr: fast\n")
     with pytest.raises(ConfigError, match=r"preset\.yaml: config key 'optim\.lr'"):
         load_config(p, ["train.epochs=3"])
+
+
+@pytest.mark.parametrize("kind", ["config", "study"])
+def test_a_missing_or_broken_yaml_file_is_one_line_naming_the_file(tmp_path, kind):
+    from launch.study.spec import StudyError, load_study
+
+    load, error = (load_config, ConfigError) if kind == "config" else (load_study, StudyError)
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(error) as e:
+        load(missing)
+    assert str(e.value) == f"{kind} file not found: {missing}"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("a: [1, 2\n")
+    with pytest.raises(error) as e:
+        load(broken)
+    assert str(e.value).startswith(f"{broken}: not valid YAML: ")
