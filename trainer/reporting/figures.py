@@ -81,41 +81,35 @@ def plot_meta_weights(series: Mapping[str, tuple], path: Path) -> Path:
         steps, mean, std = (np.asarray(a, dtype=np.float64) for a in (steps, mean, std))
         (line,) = ax.plot(steps, mean, label=f"{label} mean")
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.25, label=f"{label} ± std")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("meta weight")
-    ax.set_title("Meta-weight evolution")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _label_and_save(fig, ax, "training step", "meta weight", "Meta-weight evolution", path)
 
 
 def plot_val_accuracy(series: Mapping[str, tuple], path: Path) -> Path:
     """(b) validation accuracy per epoch. ``series[label] = (epochs, accuracy)``."""
-    fig = _new_figure()
-    ax = fig.add_subplot(1, 1, 1)
-    for label, (epochs, acc) in series.items():
-        ax.plot(epochs, acc, marker="o", label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Validation accuracy per epoch")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _per_epoch_plot(series, "validation accuracy", "Validation accuracy per epoch", path)
 
 
 def plot_meta_loss(series: Mapping[str, tuple], path: Path) -> Path:
     """(c) loss on the whole meta-validation split, evaluated at each epoch's end: ``series[label] = (epochs,
     loss)``. The same quantity for every run -- a meta run's per-step meta-*batch* loss (taken at the look-ahead
     weights, on one batch) is not comparable with it, so it is not drawn here."""
+    return _per_epoch_plot(series, "meta-validation split loss", "Meta-validation split loss per epoch", path)
+
+
+def _per_epoch_plot(series: Mapping[str, tuple], ylabel: str, title: str, path: Path) -> Path:
+    """One marked line per run over whole epochs: ``series[label] = (epochs, values)``."""
     fig = _new_figure()
     ax = fig.add_subplot(1, 1, 1)
-    for label, (epochs, loss) in series.items():
-        ax.plot(epochs, loss, marker="o", label=label)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("meta-validation split loss")
-    ax.set_title("Meta-validation split loss per epoch")
+    for label, (epochs, values) in series.items():
+        ax.plot(epochs, values, marker="o", label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+    return _label_and_save(fig, ax, "epoch", ylabel, title, path)
+
+
+def _label_and_save(fig: Figure, ax, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
