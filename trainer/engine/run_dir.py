@@ -45,8 +45,14 @@ def check_resume_config(run_dir: Path, cfg: Config, *, force: bool) -> None:
                if not (_absent(saved, d[0]) and d[2] == _lookup(defaults, d[0]))]
     changed = [d for d in changed
                if any(d[0] == g or (g.endswith(".") and d[0].startswith(g)) for g in RESUME_GUARDED)]
+    lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changed)
+    optim = [k for k, _, _ in changed if k.startswith("optim.")]
+    if optim and cfg.train.distributed == "deepspeed":
+        # DeepSpeed's engine restores its own optimiser and nothing re-applies the config to it: --force would
+        # record a learning rate in config.yaml that the run does not use
+        raise RunDirError(f"refusing to resume {run_dir}: {', '.join(optim)} cannot change on a DeepSpeed resume, "
+                          f"even with --force:\n{lines}\n(start a new run.name)")
     if changed and not force:
-        lines = "\n".join(f"  {k}: {a!r} -> {b!r}" for k, a, b in changed)
         raise RunDirError(f"refusing to resume {run_dir}: the config changes what is trained:\n{lines}\n"
                           "(pass --force to resume anyway, or start a new run.name)")
 
