@@ -6,6 +6,7 @@ wrong types are errors that name the full dotted key (``ConfigError``). The reso
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -261,11 +262,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads `1e-3` and `3e-4` (no dot) as strings: accept every spelling Python's float() does
             try:
-                return float(value.strip())
+                value = float(value.strip())
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        if not math.isfinite(value):  # float() also reads "nan"/"inf": no setting means that
+            raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

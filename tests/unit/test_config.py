@@ -102,6 +102,12 @@ def test_a_float_key_still_refuses_what_is_not_a_number(bad):
         config_from_dict({}, [f"optim.lr={bad}"])
 
 
+@pytest.mark.parametrize("bad", ["nan", "inf", "-Infinity", ".nan", ".inf"])  # float()'s and YAML's spellings
+def test_a_float_key_refuses_a_non_finite_value(bad):
+    with pytest.raises(ConfigError, match="'optim.lr'.*expected a finite number"):
+        config_from_dict({}, [f"optim.lr={bad}"])
+
+
 def test_an_override_error_names_the_override_not_the_yaml(tmp_path):
     p = tmp_path / "preset.yaml"
     p.write_text("train:\n  epochs: 3\n")
