@@ -27,7 +27,7 @@ if [ "$1" = show ]; then echo node1; echo node2; else echo "scontrol $*" >> "$FA
 """
 
 
-def _run(tmp_path, *, preempt=False, rc=0, stale_marker=False, env=None, name="job"):
+def _run(tmp_path, *, preempt=False, rc=0, stale_marker=False, env=None, name="job", extra=()):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for tool, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("accelerate", FAKE_ACCELERATE)):
@@ -47,7 +47,7 @@ def _run(tmp_path, *, preempt=False, rc=0, stale_marker=False, env=None, name="j
         if key not in (env or {}):
             full_env.pop(key, None)
     proc = subprocess.run(["bash", "launch/slurm/train.sbatch", "configs/demo.yaml",
-                           f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}"], cwd=REPO, env=full_env,
+                           f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}", *extra], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=60)
     return proc, log.read_text()
 
@@ -90,3 +90,10 @@ def test_an_override_with_a_space_reaches_the_trainer_as_one_argument(tmp_path):
     assert args[args.index("launch.train") + 1:] == ["configs/demo.yaml", f"run.out_dir={tmp_path / 'runs'}",
                                                       "run.name=my job", "--resume", "auto"]
     assert "scontrol requeue 4242" in log  # the marker under the spaced run dir was found
+
+
+def test_a_config_error_is_one_line_and_exit_2_before_the_job_step(tmp_path):
+    proc, log = _run(tmp_path, extra=("optim.lr=fast",))
+    assert proc.returncode == 2 and "srun" not in log
+    assert proc.stderr.strip().splitlines() == [
+        "metaloss: error: override 'optim.lr=fast': config key 'optim.lr': expected a number, got 'fast'"]
