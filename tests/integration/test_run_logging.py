@@ -30,6 +30,11 @@ def test_a_log_file_gets_a_progress_line_per_logging_interval(synth_dir, tmp_pat
     assert steps == [3, 6, 7], lines  # every 3 steps and the last one; checkpoints (2, 4, 6) add none
     assert all(re.search(r"epoch \d+/2 \| loss \d+\.\d{4} \| [\d.]+ img/s \| ETA \d\d:\d\d:\d\d", ln)
                for ln in lines), lines
+    # a run that completes every epoch: its last line (the final flush, after the last epoch ended) says epoch 2/2
+    full = run_cli("-m", "launch.train", "configs/demo.yaml",
+                   *tiny_overrides(synth_dir, tmp_path, "full", "logging.every_steps=5", "checkpoint.enabled=false"))
+    epochs = [int(m.group(1)) for m in re.finditer(r"epoch (\d+)/2 \| loss", full.stderr)]
+    assert epochs and epochs[-1] == 2 and max(epochs) == 2, full.stderr[-2000:]
     quiet = run_cli("-m", "launch.train", "configs/demo.yaml",
                     *tiny_overrides(synth_dir, tmp_path, "quiet", "train.max_steps=3"), "--quiet")
     assert "img/s" not in quiet.stderr

@@ -186,7 +186,8 @@ class RunLogger:
     def _progress_line(self, state, step: int, loss, img_s: float, s_per_step: float) -> None:
         total = self.total_steps or step
         eta = max(total - step, 0) * s_per_step
-        log.info("step %d/%d | epoch %d/%d | loss %s | %.1f img/s | ETA %s", step, total, state.epoch + 1,
+        log.info("step %d/%d | epoch %d/%d | loss %s | %.1f img/s | ETA %s", step, total,
+                 min(state.epoch + 1, self.cfg.train.epochs),  # the final flush runs after the last epoch ended
                  self.cfg.train.epochs, "n/a" if loss is None else f"{loss:.4f}", img_s,
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f} h")
 
