@@ -32,7 +32,7 @@ def test_a_log_file_gets_a_progress_line_per_logging_interval(synth_dir, tmp_pat
                for ln in lines), lines
     # a run that completes every epoch: its last line (the final flush, after the last epoch ended) says epoch 2/2
     full = run_cli("-m", "launch.train", "configs/demo.yaml",
-                   *tiny_overrides(synth_dir, tmp_path, "full", "logging.every_steps=5", "checkpoint.enabled=false"))
+                   *tiny_overrides(synth_dir, tmp_path, "full", "logging.every_steps=7", "checkpoint.enabled=false"))
     epochs = [int(m.group(1)) for m in re.finditer(r"epoch (\d+)/2 \| loss", full.stderr)]
     assert epochs and epochs[-1] == 2 and max(epochs) == 2, full.stderr[-2000:]
     quiet = run_cli("-m", "launch.train", "configs/demo.yaml",
