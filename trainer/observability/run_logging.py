@@ -173,6 +173,9 @@ class RunLogger:
         self.tb.scalars(last, scalars)
         if self.weights and self.tb.active:  # only the main process writes them: no copy on the other ranks
             self._weight_histograms(last)
+        # on disk now, not when the writer's timer fires: a SIGKILLed or OOM-killed job keeps every point it
+        # published (the resume purges what comes after its checkpoint), and TensorBoard shows the interval at once
+        self.tb.flush()
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{img_s:.0f}")
         if self.progress_lines:
