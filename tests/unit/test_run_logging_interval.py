@@ -77,7 +77,7 @@ def test_data_wait_frac_is_blocked_time_over_interval_wall_time(tmp_path, monkey
     log = _logger(tmp_path, main=True, tensorboard=False)
     log.restart_clock()
     written = {}
-    log.tb = SimpleNamespace(active=False, scalars=lambda step, values: written.update(values), close=lambda: None)
+    log.tb = SimpleNamespace(active=False, scalars=lambda step, values: written.update(values), flush=lambda: None, close=lambda: None)
     for i in range(4):  # each step: 0.25 s blocked on the stream, 0.05 s step, 0.2 s elsewhere (e.g. a sync)
         now[0] += 0.5
         log.step(i + 1, _out(i), wait_s=0.25, step_s=0.05)
