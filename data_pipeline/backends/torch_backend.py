@@ -7,7 +7,7 @@ resumed run starts -- the property the bitwise resume test relies on.
 """
 from __future__ import annotations
 
-import atexit
+import multiprocessing.util
 import signal
 from typing import Iterator
 
@@ -134,14 +134,17 @@ def iterate(loader: DataLoader) -> Iterator[Batch]:
 def _kill_loader_workers_at_exit() -> None:
     """multiprocessing's own exit hook SIGTERMs its daemonic children -- which loader workers ignore -- and then
     joins them without a timeout: a process exiting while an iterator still holds workers (an error raised
-    mid-epoch) would hang there. Registered after that hook, this runs first and SIGKILLs them (they hold nothing
-    that needs saving)."""
+    mid-epoch, persistent workers) would hang there. This runs inside that hook, as a finalizer, before its joins
+    (see ``_loader``), and SIGKILLs them (they hold nothing that needs saving)."""
     import multiprocessing
 
-    for proc in multiprocessing.active_children():
-        if proc.daemon:
-            proc.kill()
-            proc.join(timeout=1)
+    workers = [proc for proc in multiprocessing.active_children() if proc.daemon]
+    if workers:  # torch's SIGCHLD handler would raise "DataLoader worker killed" into this exit path
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for proc in workers:
+        proc.kill()
+    for proc in workers:
+        proc.join(timeout=1)
 
 
 def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int, *, persistent: bool) -> DataLoader:
@@ -151,7 +154,9 @@ def _loader(dataset: RecordDataset, sampler: ShardedBatchSampler, workers: int, 
     (``RecordDataset``), so which worker decodes a sample never changes its pixels and resume stays bitwise."""
     global _exit_hook_registered
     if workers and not _exit_hook_registered:
-        atexit.register(_kill_loader_workers_at_exit)
+        # a finalizer with an exit priority runs inside multiprocessing's exit hook *before* it terminates and
+        # joins the children, whatever order the atexit hooks were registered in
+        multiprocessing.util.Finalize(None, _kill_loader_workers_at_exit, exitpriority=100)
         _exit_hook_registered = True
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=_collate,
                       pin_memory=torch.cuda.is_available(), persistent_workers=persistent and workers > 0,
