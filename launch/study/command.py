@@ -1,4 +1,4 @@
-"""`metaloss study STUDY.yaml [--out DIR] [--emit-slurm DIR] [--collect] [--retry-failed]`.
+"""`metaloss study STUDY.yaml [--out DIR] [--emit-slurm DIR] [--collect] [--retry-failed] [--jobs N]`.
 
 Exit status: 0 when every run finished; 1 when some run failed (each is listed in study/report.md with its error);
 128 + N when stopped by signal N (re-run the same command to continue); 2 for a bad study file.
@@ -76,7 +76,7 @@ def run_study(args, *, debug: bool = False) -> int:
 
         log.info("study %s: %d run(s) (%d cell(s) x %d seed(s)) -> %s", study.name, len(study.runs),
                  len(study.runs) // len(study.seeds), len(study.seeds), study.out)
-        runner = StudyRunner(study, retry_failed=args.retry_failed,
+        runner = StudyRunner(study, retry_failed=args.retry_failed, jobs=args.jobs,
                              after_run=lambda run, run_dir: log_hparams(study, run, run_dir))
         runner.run()
         if study.selection is not None and runner.stop_signal is None:
@@ -111,3 +111,5 @@ def add_study_args(p) -> None:
     p.add_argument("--collect", action="store_true",
                    help="only (re)write study/results.csv and report.md from the run dirs (e.g. after SLURM)")
     p.add_argument("--retry-failed", action="store_true", help="run failed runs again (default: keep them failed)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="runs at a time on this node (default 1); each gets its own GPUs, or cpus/N threads on CPU")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from common.atomic import atomic_write_text
 from launch.study.runner import STATUS_FILE, is_finished
-from launch.study.spec import METRICS, RunSpec, Study
+from launch.study.spec import GRADE_RECALLS, METRICS, RunSpec, Study
 
 RESULTS_FILE = "results.csv"
 RUN_COLUMNS = ("run", "cell", "world_size", "seed", "status")
@@ -22,11 +22,15 @@ TAIL_COLUMNS = ("img_per_s", "train_s", "wall_s", "steps", "error")
 def metric_values(test: dict) -> dict[str, float | None]:
     """The study's metric columns from a metrics.json test block (None where a run has no such number)."""
     ref = test.get("referable") or {}
+    recalls = test.get("per_class_recall") or []
+    support = test.get("support") or [1] * len(recalls)  # a grade absent from the split has no recall (not 0)
     return {"accuracy": test.get("accuracy"), "macro_f1": test.get("macro_f1"),
             "weighted_f1": test.get("weighted_f1"), "qwk": test.get("qwk"), "referable_auc": ref.get("auc"),
             "referable_sensitivity": ref.get("sensitivity"), "referable_specificity": ref.get("specificity"),
             "sens_at_spec90": ref.get("sens_at_spec90"), "sens_at_spec95": ref.get("sens_at_spec95"),
-            "auc_macro": test.get("auc_macro"), "ece": test.get("ece")}
+            "auc_macro": test.get("auc_macro"), "ece": test.get("ece"),
+            **{name: (recalls[k] if k < len(recalls) and support[k] > 0 else None)
+               for k, name in enumerate(GRADE_RECALLS)}}
 
 
 def run_row(study: Study, run: RunSpec, status: dict) -> dict:

@@ -1,12 +1,13 @@
-"""Run a study's runs locally, one process each, in sequence -- resumable, and safe to kill at any moment.
+"""Run a study's runs locally, one process each, ``--jobs`` at a time -- resumable, and safe to kill at any moment.
 
 Per run: a run dir with ``metrics.json`` is finished and skipped; anything else starts (or continues) with
 ``python -m launch.train BASE overrides --resume auto`` -- the trainer's own resume: from the newest complete
 checkpoint, or a fresh start when there is none. A failed run is recorded (``study/status.json``: exit code, the
 error line, the log file) and the study goes on with the next one. SIGTERM/SIGINT to the study is forwarded to the
-running child, which checkpoints at the next step boundary and exits; the study records it as interrupted and
+running children, which checkpoint at the next step boundary and exit; the study records them as interrupted and
 stops. A kill -9 of the study still stops the child (PR_SET_PDEATHSIG sends it SIGTERM), and a second study
-process on the same out dir is refused (an flock), so two processes never train the same run dir.
+process on the same out dir is refused (an flock), so two processes never train the same run dir. With ``--jobs N``
+each concurrent run gets its own GPUs (CUDA_VISIBLE_DEVICES) or its share of the CPU threads (OMP_NUM_THREADS).
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from common.atomic import atomic_write_text
 from common.errors import UserError
@@ -82,14 +85,64 @@ def _error_line(log_path: Path) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "")[:500]
 
 
+@dataclass
+class _Running:
+    """One training child in flight, and what finishing it needs."""
+    run: RunSpec
+    index: int
+    total: int
+    slot: int
+    child: subprocess.Popen
+    log_file: IO[str]
+    started: float
+    wall_before: float  # wall seconds of earlier attempts (a resumed run adds to them)
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids children may use: CUDA_VISIBLE_DEVICES when set, else every device torch sees (none on CPU)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d for d in (x.strip() for x in env.split(",")) if d and d != "-1"]
+    try:
+        import torch  # only for --jobs > 1: the study process itself never touches a GPU
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 -- no torch/driver: a CPU node
+        return []
+
+
+def slot_environments(jobs: int, runs: list[RunSpec], gpus: list[str], cpus: int) -> list[dict[str, str]]:
+    """Per slot, the environment changes that keep ``jobs`` concurrent runs off each other's hardware.
+
+    GPU node: each slot owns a disjoint block of GPUs (CUDA_VISIBLE_DEVICES), big enough for the study's widest run.
+    CPU node: each slot gets cpus // jobs intra-op threads (OMP_NUM_THREADS), unless the user set it -- two runs
+    each spinning a thread per core would oversubscribe the node and run slower together than one after the other.
+    """
+    if jobs == 1:
+        return [{}]
+    widest = max((r.world_size for r in runs), default=1)
+    if gpus:
+        per_slot = len(gpus) // jobs
+        if per_slot < widest:
+            raise UserError(f"--jobs {jobs}: {len(gpus)} visible GPU(s) cannot give each of {jobs} concurrent runs "
+                            f"the {widest} GPU(s) its widest run needs; use --jobs {max(1, len(gpus) // widest)}")
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[s * per_slot:(s + 1) * per_slot])} for s in range(jobs)]
+    if "OMP_NUM_THREADS" in os.environ:
+        return [{} for _ in range(jobs)]
+    threads = str(max(1, cpus // (jobs * widest)))
+    return [{"OMP_NUM_THREADS": threads} for _ in range(jobs)]
+
+
 class StudyRunner:
-    def __init__(self, study: Study, *, retry_failed: bool = False, after_run=None):
+    def __init__(self, study: Study, *, retry_failed: bool = False, after_run=None, jobs: int = 1):
+        if jobs < 1:
+            raise UserError(f"--jobs {jobs}: needs at least 1 (runs at a time)")
         self.study = study
         self.retry_failed = retry_failed
         self.after_run = after_run  # called with (run, run_dir) once a run has finished (hparams logging)
+        self.jobs = jobs
         self.status_path = study.state_dir / STATUS_FILE
         self.status: dict[str, dict] = {}
-        self.child: subprocess.Popen | None = None
+        self.running: list[_Running] = []
         self.stop_signal: int | None = None
 
     # --- state ------------------------------------------------------------------------------------------------------
@@ -110,15 +163,17 @@ class StudyRunner:
     # --- signals ----------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
-        if self.child is not None and self.child.poll() is None:
-            log.warning("study: signal %d, asking the running training (pid %d) to checkpoint and stop", signum,
-                        self.child.pid)
-            self.child.send_signal(signal.SIGTERM)
+        for r in self.running:
+            if r.child.poll() is None:
+                log.warning("study: signal %d, asking the running training %s (pid %d) to checkpoint and stop",
+                            signum, r.run.name, r.child.pid)
+                r.child.send_signal(signal.SIGTERM)
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def run(self, runs: list[RunSpec] | None = None) -> dict[str, dict]:
-        """The study's runs (or ``runs``, e.g. the controls chosen after them), in order."""
+        """The study's runs (or ``runs``, e.g. the controls chosen after them), in order, ``jobs`` at a time."""
         runs = self.study.runs if runs is None else runs
+        envs = slot_environments(self.jobs, runs, visible_gpus() if self.jobs > 1 else [], os.cpu_count() or 1)
         self.study.state_dir.mkdir(parents=True, exist_ok=True)
         (self.study.state_dir / "logs").mkdir(exist_ok=True)
         lock = open(self.study.state_dir / LOCK_FILE, "w")
@@ -131,45 +186,78 @@ class StudyRunner:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             self._load_status()
-            for i, run in enumerate(runs, 1):
-                if self.stop_signal is not None:
+            queue = list(enumerate(runs, 1))
+            free = list(range(len(envs)))
+            while True:
+                while queue and free and self.stop_signal is None:
+                    index, run = queue.pop(0)
+                    started = self._start(run, index, len(runs), free[0], envs[free[0]])
+                    if started is not None:
+                        self.running.append(started)
+                        free.pop(0)
+                if not self.running:
                     break
-                self._one(run, i, len(runs))
+                for r in self._reap():
+                    self._finish(r)
+                    free.append(r.slot)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             lock.close()
         return self.status
 
-    def _one(self, run: RunSpec, index: int, total: int) -> None:
+    def _reap(self) -> list[_Running]:
+        """Block until at least one child has exited; those children, out of ``self.running``."""
+        while True:
+            done = [r for r in self.running if r.child.poll() is not None]
+            if done:
+                self.running = [r for r in self.running if r not in done]
+                return done
+            if len(self.running) == 1:
+                try:  # one child: a plain wait (a signal handler runs during it, and the wait resumes)
+                    self.running[0].child.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.2)
+
+    def _start(self, run: RunSpec, index: int, total: int, slot: int, env: dict[str, str]) -> _Running | None:
         run_dir = self.study.runs_dir / run.name
         entry = self.status.get(run.name, {})
         if is_finished(run_dir):
             if entry.get("status") != "done":  # finished before the status could say so (killed in between)
                 self._record(run, status="done", error="")
             log.info("study [%d/%d] %s: finished, skipped", index, total, run.name)
-            return
+            return None
         if entry.get("status") == "failed" and not self.retry_failed:
             log.warning("study [%d/%d] %s: failed before (%s), skipped (--retry-failed runs it again)", index,
                         total, run.name, entry.get("error", ""))
-            return
+            return None
         resuming = run_dir.is_dir() and (run_dir / "checkpoints").is_dir()
-        log.info("study [%d/%d] %s: %s", index, total, run.name, "resuming" if resuming else "starting")
+        where = f" (slot {slot}: {' '.join(f'{k}={v}' for k, v in env.items())})" if env else ""
+        log.info("study [%d/%d] %s: %s%s", index, total, run.name, "resuming" if resuming else "starting", where)
         log_path = self.study.state_dir / "logs" / f"{run.name}.log"
         self._record(run, status="running", attempts=entry.get("attempts", 0) + 1, log=str(log_path),
-                     world_size=run.world_size)
-        t0 = time.time()
-        with open(log_path, "a") as log_file:
-            log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(train_command(self.study, run))}\n")
-            log_file.flush()
-            self.child = subprocess.Popen(train_command(self.study, run), stdout=log_file, stderr=subprocess.STDOUT,
-                                          preexec_fn=_die_with_parent)
-            if self.stop_signal is not None:  # the signal arrived between the check above and the start
-                self.child.send_signal(signal.SIGTERM)
-            rc = self.child.wait()
-            self.child = None
-        wall = round(time.time() - t0, 3)
-        wall_total = round(entry.get("wall_s", 0.0) + wall, 3)
+                     world_size=run.world_size, started_at=round(time.time(), 3), slot_env=env)
+        command = train_command(self.study, run)
+        log_file = open(log_path, "a")
+        log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log_file.flush()
+        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                 env={**os.environ, **env})
+        if self.stop_signal is not None:  # the signal arrived between the loop's check and the start
+            child.send_signal(signal.SIGTERM)
+        return _Running(run, index, total, slot, child, log_file, time.time(), entry.get("wall_s", 0.0))
+
+    def _finish(self, r: _Running) -> None:
+        r.log_file.close()
+        run, index, total, rc = r.run, r.index, r.total, r.child.returncode
+        run_dir = self.study.runs_dir / run.name
+        log_path = self.study.state_dir / "logs" / f"{run.name}.log"
+        now = time.time()
+        wall = round(now - r.started, 3)
+        wall_total = round(r.wall_before + wall, 3)
+        self.status[run.name]["finished_at"] = round(now, 3)  # saved with the record below
         if is_finished(run_dir):
             self._record(run, status="done", error="", exit_code=rc, wall_s=wall_total)
             if self.after_run is not None:

@@ -19,7 +19,8 @@ from launch.study.spec import RunSpec, Study
 from trainer.comparison.selection import LOSS_KEY, choose_settings, is_fixed_loss, select_column
 
 CONTROL_SUFFIX = "_ce_control"
-_REPORT_METRICS = ("macro_f1", "accuracy", "qwk")
+# the headline metrics, plus the recall of the two rare grades (severe, proliferative) the method claims to lift
+_REPORT_METRICS = ("macro_f1", "accuracy", "qwk", "recall_3", "recall_4")
 
 
 def cell_keys(study: Study) -> list[str]:

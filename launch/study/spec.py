@@ -42,8 +42,11 @@ _ALIASES = {"train_fraction": FRACTION_KEY}
 _TOP_KEYS = ("name", "base", "out", "set", "grid", "seeds", "world_sizes", "split_seed", "metric", "selection")
 # keys the study itself owns: a grid or `set` entry for them would silently fight the study's own value
 _OWNED = ("train.seed", "run.name", "run.out_dir", "data.split_seed")
+# recall of each grade (0-4 on the DR scale; a data set with fewer classes leaves the rest empty): the rare grades
+# 3 (severe) and 4 (proliferative) are the ones plain training misses and meta-reweighting claims to recover
+GRADE_RECALLS = tuple(f"recall_{k}" for k in range(5))
 METRICS = ("accuracy", "macro_f1", "weighted_f1", "qwk", "referable_auc", "referable_sensitivity",
-           "referable_specificity", "sens_at_spec90", "sens_at_spec95", "auc_macro", "ece")
+           "referable_specificity", "sens_at_spec90", "sens_at_spec95", "auc_macro", "ece", *GRADE_RECALLS)
 
 
 class StudyError(ConfigError):

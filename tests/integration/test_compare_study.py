@@ -66,8 +66,8 @@ def _rows(out):
 def test_reduced_comparison_study_chooses_on_select_only_and_runs_controls(synth_dir, tmp_path):
     path = _study_file(tmp_path, synth_dir)
     out = tmp_path / "out"
-    # 10 runs of a few seconds each; the generous timeout is for a CPU shared with other suites
-    run_cli("-m", "launch.cli", "study", str(path), timeout=1800)
+    # 10 runs of a few seconds each, two at a time (the controls too); the generous timeout is for a shared CPU
+    run_cli("-m", "launch.cli", "study", str(path), "--jobs", "2", timeout=1800, env={"OMP_NUM_THREADS": "1"})
     check_choices_and_controls(out)
     check_test_results_cannot_move_a_choice(path, out)
 

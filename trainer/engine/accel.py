@@ -109,7 +109,9 @@ def run_environment(cfg: Config, acc: Accelerator) -> dict:
     else:
         import platform
 
-        hardware = f"{acc.num_processes} x CPU process ({platform.machine() or 'unknown'}, {os.cpu_count()} cores)"
+        # the thread count too: concurrent study runs (`metaloss study --jobs`) share the cores between them
+        hardware = (f"{acc.num_processes} x CPU process ({platform.machine() or 'unknown'}, {os.cpu_count()} cores, "
+                    f"{torch.get_num_threads()} threads)")
     return {"world_size": acc.num_processes, "global_batch": cfg.train.batch_size * acc.num_processes,
             "hardware": hardware}
 
