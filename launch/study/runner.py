@@ -96,6 +96,23 @@ class _Running:
     log_file: IO[str]
     started: float
     wall_before: float  # wall seconds of earlier attempts (a resumed run adds to them)
+    stopped: bool = False  # SIGTERM already forwarded to it
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (SLURM, taskset and cgroups restrict it below os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def runs_use_gpus(study: Study, runs: list[RunSpec]) -> bool:
+    """Whether any run trains on a GPU (a config with train.cpu=true never does, even on a GPU node)."""
+    from trainer.config import load_config
+
+    # a control run carries its meta run's cell, so the same overrides give its device too
+    return any(not load_config(study.base, study.overrides(r)).train.cpu for r in runs)
 
 
 def visible_gpus() -> list[str]:
@@ -113,9 +130,10 @@ def visible_gpus() -> list[str]:
 def slot_environments(jobs: int, runs: list[RunSpec], gpus: list[str], cpus: int) -> list[dict[str, str]]:
     """Per slot, the environment changes that keep ``jobs`` concurrent runs off each other's hardware.
 
-    GPU node: each slot owns a disjoint block of GPUs (CUDA_VISIBLE_DEVICES), big enough for the study's widest run.
-    CPU node: each slot gets cpus // jobs intra-op threads (OMP_NUM_THREADS), unless the user set it -- two runs
-    each spinning a thread per core would oversubscribe the node and run slower together than one after the other.
+    GPU runs: each slot owns a disjoint block of ``gpus`` (CUDA_VISIBLE_DEVICES), big enough for the widest run.
+    CPU runs (``gpus`` empty): each process gets cpus // (jobs x the widest run's ranks) intra-op threads
+    (OMP_NUM_THREADS), unless the user set it -- runs each spinning a thread per core would oversubscribe the node
+    and run slower together than one after the other.
     """
     if jobs == 1:
         return [{}]
@@ -163,17 +181,14 @@ class StudyRunner:
     # --- signals ----------------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum
-        for r in self.running:
-            if r.child.poll() is None:
-                log.warning("study: signal %d, asking the running training %s (pid %d) to checkpoint and stop",
-                            signum, r.run.name, r.child.pid)
-                r.child.send_signal(signal.SIGTERM)
+        self._forward_stop()
 
     # --- the loop ---------------------------------------------------------------------------------------------------
     def run(self, runs: list[RunSpec] | None = None) -> dict[str, dict]:
         """The study's runs (or ``runs``, e.g. the controls chosen after them), in order, ``jobs`` at a time."""
         runs = self.study.runs if runs is None else runs
-        envs = slot_environments(self.jobs, runs, visible_gpus() if self.jobs > 1 else [], os.cpu_count() or 1)
+        gpus = visible_gpus() if self.jobs > 1 and runs_use_gpus(self.study, runs) else []
+        envs = slot_environments(self.jobs, runs, gpus, usable_cpus())
         self.study.state_dir.mkdir(parents=True, exist_ok=True)
         (self.study.state_dir / "logs").mkdir(exist_ok=True)
         lock = open(self.study.state_dir / LOCK_FILE, "w")
@@ -191,9 +206,7 @@ class StudyRunner:
             while True:
                 while queue and free and self.stop_signal is None:
                     index, run = queue.pop(0)
-                    started = self._start(run, index, len(runs), free[0], envs[free[0]])
-                    if started is not None:
-                        self.running.append(started)
+                    if self._start(run, index, len(runs), free[0], envs[free[0]]):
                         free.pop(0)
                 if not self.running:
                     break
@@ -201,14 +214,40 @@ class StudyRunner:
                     self._finish(r)
                     free.append(r.slot)
         finally:
+            self._stop_children()  # only after an exception: a normal exit has reaped every child
             for s, handler in previous.items():
                 signal.signal(s, handler)
             lock.close()
         return self.status
 
+    def _forward_stop(self) -> None:
+        """SIGTERM to every child not yet told (also one started just as the signal arrived)."""
+        for r in self.running:
+            if not r.stopped and r.child.poll() is None:
+                log.warning("study: signal %d, asking the running training %s (pid %d) to checkpoint and stop",
+                            self.stop_signal, r.run.name, r.child.pid)
+                r.child.send_signal(signal.SIGTERM)
+                r.stopped = True
+
+    def _stop_children(self) -> None:
+        """An error in the study itself: no trainer may outlive the lock (a re-run would train the same run dir)."""
+        for r in self.running:
+            if r.child.poll() is None:
+                r.child.send_signal(signal.SIGTERM)
+        for r in self.running:
+            try:
+                r.child.wait(timeout=120)  # a checkpoint at the next step boundary, then exit
+            except subprocess.TimeoutExpired:
+                r.child.kill()
+                r.child.wait()
+            r.log_file.close()
+        self.running = []
+
     def _reap(self) -> list[_Running]:
         """Block until at least one child has exited; those children, out of ``self.running``."""
         while True:
+            if self.stop_signal is not None:  # a child that joined after the handler ran
+                self._forward_stop()
             done = [r for r in self.running if r.child.poll() is not None]
             if done:
                 self.running = [r for r in self.running if r not in done]
@@ -221,33 +260,41 @@ class StudyRunner:
             else:
                 time.sleep(0.2)
 
-    def _start(self, run: RunSpec, index: int, total: int, slot: int, env: dict[str, str]) -> _Running | None:
+    def _start(self, run: RunSpec, index: int, total: int, slot: int, env: dict[str, str]) -> bool:
+        """Start ``run`` in ``slot`` (added to ``self.running``); False when it is finished or failed before."""
         run_dir = self.study.runs_dir / run.name
         entry = self.status.get(run.name, {})
         if is_finished(run_dir):
             if entry.get("status") != "done":  # finished before the status could say so (killed in between)
                 self._record(run, status="done", error="")
             log.info("study [%d/%d] %s: finished, skipped", index, total, run.name)
-            return None
+            return False
         if entry.get("status") == "failed" and not self.retry_failed:
             log.warning("study [%d/%d] %s: failed before (%s), skipped (--retry-failed runs it again)", index,
                         total, run.name, entry.get("error", ""))
-            return None
+            return False
         resuming = run_dir.is_dir() and (run_dir / "checkpoints").is_dir()
         where = f" (slot {slot}: {' '.join(f'{k}={v}' for k, v in env.items())})" if env else ""
         log.info("study [%d/%d] %s: %s%s", index, total, run.name, "resuming" if resuming else "starting", where)
         log_path = self.study.state_dir / "logs" / f"{run.name}.log"
         self._record(run, status="running", attempts=entry.get("attempts", 0) + 1, log=str(log_path),
-                     world_size=run.world_size, started_at=round(time.time(), 3), slot_env=env)
+                     world_size=run.world_size, started_at=round(time.time(), 3), slot_env=env, error="",
+                     finished_at=None, exit_code=None)  # nothing of the previous attempt's ending
         command = train_command(self.study, run)
         log_file = open(log_path, "a")
-        log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
-        log_file.flush()
-        child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                 env={**os.environ, **env})
+        try:
+            log_file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+            log_file.flush()
+            child = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent, env={**os.environ, **env})
+        except BaseException:
+            log_file.close()
+            raise
+        # in self.running before the stop check: a signal from here on reaches it through _forward_stop
+        self.running.append(_Running(run, index, total, slot, child, log_file, time.time(), entry.get("wall_s", 0.0)))
         if self.stop_signal is not None:  # the signal arrived between the loop's check and the start
-            child.send_signal(signal.SIGTERM)
-        return _Running(run, index, total, slot, child, log_file, time.time(), entry.get("wall_s", 0.0))
+            self._forward_stop()
+        return True
 
     def _finish(self, r: _Running) -> None:
         r.log_file.close()
