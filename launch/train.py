@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from launch.errors import setup_logging, user_errors_exit
@@ -34,6 +35,18 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 @user_errors_exit
 def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
+    # A SIGTERM while the trainer is built (listing and checking a large data set, building the model, restoring a
+    # checkpoint: minutes on a cluster) is kept and handed to fit(), which checkpoints at the first step boundary and
+    # leaves the PREEMPTED marker -- killed by the default action instead, the job would not be requeued.
+    early_signals: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: early_signals.append(signum))
+    try:
+        return _build_and_fit(args, early_signals)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _build_and_fit(args: argparse.Namespace, early_signals: list[int]) -> dict:
     from trainer.config import load_config
     from trainer.engine.trainer import Trainer
 
@@ -55,7 +68,7 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
         raise
     if control_of and trainer.accelerator.is_main_process:
         write_control_record(trainer.run_dir, control_of, cfg)
-    metrics = trainer.fit()
+    metrics = trainer.fit(early_signals)
     if trainer.accelerator.is_main_process:
         if metrics.get("preempted"):
             print(json.dumps({"run_dir": str(trainer.run_dir), "preempted": True, "step": metrics["step"],

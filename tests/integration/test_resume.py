@@ -78,6 +78,20 @@ def test_sigterm_checkpoints_exits_0_and_resume_continues(synth_dir, tmp_path, r
     _assert_matches_reference(run_dir, reference)
 
 
+def test_sigterm_during_start_up_is_kept_until_the_first_step_boundary(synth_dir, tmp_path, reference):
+    # the signal arrives while the trainer is being built (before fit() installs its handler): without the deferral
+    # the default action would kill the run with no PREEMPTED marker, and a requeue script would not requeue it
+    args = _args(synth_dir, tmp_path, "early")
+    proc = python(*args, env={"METALOSS_TEST_FAULT": "term_during_start:0"})  # check=True: exit status 0
+    assert "signal 15 arrived during start-up" in proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["preempted"] is True
+    run_dir = tmp_path / "early"
+    assert _steps(run_dir) == [1] and (run_dir / "checkpoints" / "PREEMPTED").is_file()
+    python(*args, "--resume", "auto")
+    assert not (run_dir / "checkpoints" / "PREEMPTED").exists()
+    _assert_matches_reference(run_dir, reference)
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous_one(synth_dir, tmp_path, reference):
     args = _args(synth_dir, tmp_path, "midwrite")
     proc = python(*args, env={"METALOSS_TEST_FAULT": "kill_before_rename:8"}, check=False)

@@ -186,11 +186,13 @@ class FaultInjection:
     ``term_after_step:N``   SIGTERM at the same point -- a pre-emption, through the real signal handler;
     ``hang_after_step:N``   sleep for a minute at the same point -- a stuck step (signals still reach the handler);
     ``kill_before_rename:N`` SIGKILL inside the checkpoint of step N, after every file is written but before the
-                            rename that publishes it -- the worst moment for a checkpoint write.
+                            rename that publishes it -- the worst moment for a checkpoint write;
+    ``term_during_start:0`` SIGTERM while the trainer is being built (run dir written, training not started) -- a
+                            pre-emption during a long start-up.
     ``@RANK`` limits it to one rank (default: every rank). Unset (always, outside tests): every method is a no-op.
     """
 
-    ACTIONS = ("kill_after_step", "term_after_step", "hang_after_step", "kill_before_rename")
+    ACTIONS = ("kill_after_step", "term_after_step", "hang_after_step", "kill_before_rename", "term_during_start")
 
     def __init__(self, spec: str | None, rank: int):
         self.action, self.step = None, -1
@@ -211,6 +213,10 @@ class FaultInjection:
     @classmethod
     def from_env(cls, rank: int) -> "FaultInjection":
         return cls(os.environ.get("METALOSS_TEST_FAULT"), rank)
+
+    def during_start(self) -> None:
+        if self.action == "term_during_start":
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def after_step(self, step: int) -> None:
         if step != self.step:

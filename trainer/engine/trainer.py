@@ -134,6 +134,7 @@ class Trainer:
         self.logger.restart_clock()  # building the streams and loading a checkpoint are not training time
         self.stop = StopAgreement(acc.num_processes)
         self.faults = FaultInjection.from_env(acc.process_index)
+        self.faults.during_start()
         self._stopping = 0  # the agreed StopAgreement reason once the ranks stop early
         self._first_interrupt_at = None
         self._last_checkpoint_step = self.state.step if self.resumed_from is not None else -1
@@ -162,10 +163,16 @@ class Trainer:
         self.state.world_size = now
 
     # --- the loop -------------------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, early_signals: list[int] | None = None) -> dict:
+        """Train to the end, or to the step boundary after SIGTERM/SIGINT. ``early_signals``: signals caught while
+        the trainer was being built (launch/train.py defers SIGTERM over start-up, which can take minutes on a large
+        data set); they stop the run at its first step boundary, as if they arrived now."""
         if self.accelerator.is_main_process:
             clear_preempted(self.run_dir)  # this run is training again: no longer a pre-empted one
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        if early_signals:  # read after our handler is in place: a signal from here on reaches it directly
+            log.warning("signal %d arrived during start-up", early_signals[0])
+            self._on_signal(early_signals[0], None)
         try:
             result = self._run()
             # every rank got here at the same step: finish the last stop all-reduce (skipped after an error, when
