@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 
@@ -42,6 +43,10 @@ def run_training(args: argparse.Namespace, *, debug: bool = False) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: early_signals.append(signum))
     try:
         return _build_and_fit(args, early_signals)
+    except BaseException:
+        if early_signals:  # start-up failed after the signal: nothing was trained, so nothing to checkpoint
+            logging.getLogger(__name__).warning("a SIGTERM arrived during start-up, which then failed: no checkpoint")
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
