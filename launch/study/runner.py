@@ -94,6 +94,7 @@ class _Running:
     slot: int
     child: subprocess.Popen
     log_file: IO[str]
+    log_path: Path
     started: float
     wall_before: float  # wall seconds of earlier attempts (a resumed run adds to them)
     stopped: bool = False  # SIGTERM already forwarded to it
@@ -291,7 +292,8 @@ class StudyRunner:
             log_file.close()
             raise
         # in self.running before the stop check: a signal from here on reaches it through _forward_stop
-        self.running.append(_Running(run, index, total, slot, child, log_file, time.time(), entry.get("wall_s", 0.0)))
+        self.running.append(_Running(run, index, total, slot, child, log_file, log_path, time.time(),
+                                     entry.get("wall_s", 0.0)))
         if self.stop_signal is not None:  # the signal arrived between the loop's check and the start
             self._forward_stop()
         return True
@@ -300,7 +302,6 @@ class StudyRunner:
         r.log_file.close()
         run, index, total, rc = r.run, r.index, r.total, r.child.returncode
         run_dir = self.study.runs_dir / run.name
-        log_path = self.study.state_dir / "logs" / f"{run.name}.log"
         now = time.time()
         wall = round(now - r.started, 3)
         wall_total = round(r.wall_before + wall, 3)
@@ -318,7 +319,7 @@ class StudyRunner:
             log.warning("study [%d/%d] %s: interrupted; run the same command to continue from its checkpoint",
                         index, total, run.name)
         else:
-            error = _error_line(log_path) or f"exit code {rc}"
+            error = _error_line(r.log_path) or f"exit code {rc}"
             self._record(run, status="failed", error=error, exit_code=rc, wall_s=wall_total)
             log.error("study [%d/%d] %s: failed (exit %d): %s -- the study goes on; log: %s", index, total,
-                      run.name, rc, error, log_path)
+                      run.name, rc, error, r.log_path)
